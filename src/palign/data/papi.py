@@ -1,0 +1,300 @@
+"""Loading the PAPI files (upstream layout) into typed, validated arrays.
+
+Answers are kept in *raw* coding everywhere after loading: the number (1..5, 0 = missing) of the
+option the person would pick for the item as printed. The files store answers to negatively
+keyed items already reverse-scored; ``coding="keyed"`` undoes that (raw = 6 - v for key -1,
+v != 0), ``coding="as_stored"`` takes the stored values as raw, as the paper's reference code does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from palign.constants import TRAITS
+
+N_ITEMS = 300
+CODINGS = ("keyed", "as_stored")
+REQUIRED_FILES = ("Test-set.json", "mpi_300_split.json", "IPIP-NEO-ItemKey.xls")
+PERSONA_FILE = "personality_prompt.json"
+WHERE_TO_GET = (
+    "Get them from the PAPI/ folder of the public repository zhu-minjun/PAlign (the full set is "
+    "WestlakeNLP/PAPI-300K on the Hugging Face hub) and point dataset.root or $PALIGN_DATA at "
+    "the folder, or place it at ./data/papi"
+)
+_SIGN = re.compile(r"^([+-])([ACENO])(\d+)$")
+
+
+class PapiDataError(ValueError):
+    """A PAPI file is missing or malformed; the message names the file and the record."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One IPIP-NEO-300 item. ``number`` is its ``Full#`` (the N of ``iN``)."""
+
+    number: int
+    text: str
+    trait: str
+    key: int
+    facet: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The 300 items (indexed by ``Full#``) and the alignment/test split."""
+
+    items: dict[int, Item]
+    train: tuple[int, ...]
+    test: tuple[int, ...]
+
+    def select(self, numbers: Iterable[int]) -> list[Item]:
+        return [self.items[n] for n in numbers]
+
+    @property
+    def train_items(self) -> list[Item]:
+        return self.select(self.train)
+
+    @property
+    def test_items(self) -> list[Item]:
+        return self.select(self.test)
+
+
+@dataclass
+class Subject:
+    """One person: ``raw[n - 1]`` is the raw answer (1..5, 0 = missing) to item ``Full# n``."""
+
+    case: int
+    index: int
+    raw: np.ndarray
+    persona: str | None = field(default=None, repr=False)
+
+    def answers(self, numbers: Sequence[int]) -> np.ndarray:
+        """Raw answers to the given items, shape (len(numbers),), int64."""
+        return self.raw[np.asarray(numbers, dtype=np.int64) - 1].astype(np.int64)
+
+
+@dataclass
+class PapiData:
+    """Everything loaded from one PAPI directory. ``answers`` is (n_subjects, 300), raw coding."""
+
+    root: Path
+    coding: str
+    inventory: Inventory
+    subjects: list[Subject]
+
+    @property
+    def answers(self) -> np.ndarray:
+        return np.stack([s.raw for s in self.subjects])
+
+
+def _project_root() -> Path:
+    return Path(__file__).resolve().parents[3]
+
+
+def locate_papi(root: str | os.PathLike | None = None) -> Path:
+    """Find the PAPI directory: ``root``, ``$PALIGN_DATA``, ``./data/papi``, ``../shared/papi``.
+
+    The two relative locations are tried from the working directory, then from the project root.
+    """
+    if root:
+        path = Path(root).expanduser()
+        _require_files(path, f"dataset.root={root}")
+        return path
+    env = os.environ.get("PALIGN_DATA")
+    if env:
+        path = Path(env).expanduser()
+        _require_files(path, f"$PALIGN_DATA={env}")
+        return path
+    tried = []
+    for base in dict.fromkeys([Path.cwd(), _project_root()]):
+        for rel in ("data/papi", "../shared/papi"):
+            path = (base / rel).resolve()
+            tried.append(str(path))
+            if all((path / f).is_file() for f in REQUIRED_FILES):
+                return path
+    raise PapiDataError(
+        f"PAPI data not found (looked in dataset.root, $PALIGN_DATA, {', '.join(tried)}). "
+        + WHERE_TO_GET
+    )
+
+
+def _require_files(path: Path, source: str) -> None:
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise PapiDataError(f"{source}: {path} lacks {', '.join(missing)}. " + WHERE_TO_GET)
+
+
+def _read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise PapiDataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+
+
+def load_item_key(path: Path) -> dict[int, Item]:
+    """Read ``IPIP-NEO-ItemKey.xls`` into ``{Full#: Item}`` (rows are not in ``Full#`` order)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_excel(path)
+    except Exception as e:  # xlrd raises several unrelated types for a broken file
+        raise PapiDataError(f"{path}: cannot read the item key: {e}") from e
+    missing = [c for c in ("Full#", "Sign", "Facet", "Item") if c not in frame.columns]
+    if missing:
+        raise PapiDataError(f"{path}: item key lacks column(s) {', '.join(missing)}")
+    items: dict[int, Item] = {}
+    for row_no, row in enumerate(frame.itertuples(index=False), start=2):
+        number, sign, facet, text = row[frame.columns.get_loc("Full#")], *(
+            row[frame.columns.get_loc(c)] for c in ("Sign", "Facet", "Item")
+        )
+        where = f"{path}: row {row_no} (Full#={number})"
+        match = _SIGN.match(str(sign).strip())
+        if match is None:
+            raise PapiDataError(f"{where}: Sign {sign!r} is not like '+A1' or '-N3'")
+        if not isinstance(text, str) or not text.strip():
+            raise PapiDataError(f"{where}: empty Item text")
+        try:
+            number = int(number)
+        except (TypeError, ValueError) as e:
+            raise PapiDataError(f"{where}: Full# is not an integer") from e
+        if number in items:
+            raise PapiDataError(f"{where}: duplicate Full# {number}")
+        items[number] = Item(
+            number=number,
+            text=text.strip(),
+            trait=match.group(2),
+            key=1 if match.group(1) == "+" else -1,
+            facet=str(facet).strip(),
+        )
+    if sorted(items) != list(range(1, N_ITEMS + 1)):
+        absent = sorted(set(range(1, N_ITEMS + 1)) - set(items))
+        raise PapiDataError(f"{path}: item key lacks Full# {absent[:10]}")
+    return items
+
+
+def load_split(path: Path, items: dict[int, Item]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    data = _read_json(path)
+    parts = []
+    for name in ("train_index", "test_index"):
+        if not isinstance(data, dict) or name not in data:
+            raise PapiDataError(f"{path}: missing field {name!r}")
+        values = data[name]
+        for pos, v in enumerate(values):
+            if not isinstance(v, int) or v not in items:
+                raise PapiDataError(f"{path}: {name}[{pos}] = {v!r} is not an item id (1..{N_ITEMS})")
+        if len(set(values)) != len(values):
+            raise PapiDataError(f"{path}: {name} lists an item twice")
+        parts.append(tuple(values))
+    overlap = set(parts[0]) & set(parts[1])
+    if overlap:
+        raise PapiDataError(f"{path}: items {sorted(overlap)[:10]} are in both train and test")
+    return parts[0], parts[1]
+
+
+def load_subjects(path: Path, items: dict[int, Item], coding: str) -> list[Subject]:
+    """Read ``Test-set.json`` and convert every record to raw coding."""
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise PapiDataError(f"{path}: expected a JSON list of subject records")
+    key = np.array([items[n].key for n in range(1, N_ITEMS + 1)])
+    subjects, seen = [], {}
+    for index, record in enumerate(records):
+        where = f"{path}: record {index}"
+        if not isinstance(record, dict) or "case" not in record:
+            raise PapiDataError(f"{where}: missing field 'case'")
+        case = record["case"]
+        where += f" (case {case})"
+        if case in seen:
+            raise PapiDataError(f"{where}: duplicate case, first seen at record {seen[case]}")
+        seen[case] = index
+        stored = np.zeros(N_ITEMS, dtype=np.int64)
+        for n in range(1, N_ITEMS + 1):
+            value = record.get(f"i{n}")
+            if value is None:
+                raise PapiDataError(f"{where}: missing item field 'i{n}'")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5:
+                raise PapiDataError(f"{where}: field 'i{n}' = {value!r} is not an answer in 0..5")
+            stored[n - 1] = value
+        subjects.append(Subject(case=int(case), index=index, raw=to_raw(stored, key, coding)))
+    return subjects
+
+
+def to_raw(stored: np.ndarray, key: np.ndarray, coding: str) -> np.ndarray:
+    """Stored values -> raw answers; ``key`` holds each item's +1/-1 (same shape)."""
+    if coding == "as_stored":
+        return stored.copy()
+    if coding == "keyed":
+        return keyed(stored, key)  # reverse-scoring is its own inverse
+    raise PapiDataError(f"dataset.coding={coding!r} is not one of {CODINGS}")
+
+
+def load_personas(path: Path, n_subjects: int) -> list[str]:
+    """The P^2 texts (``output[0]`` of each entry), index-aligned with ``Test-set.json``."""
+    entries = _read_json(path)
+    if not isinstance(entries, list) or len(entries) != n_subjects:
+        got = len(entries) if isinstance(entries, list) else type(entries).__name__
+        raise PapiDataError(f"{path}: expected a list of {n_subjects} entries, got {got}")
+    texts = []
+    for i, entry in enumerate(entries):
+        out = entry.get("output") if isinstance(entry, dict) else None
+        if not isinstance(out, list) or not out or not isinstance(out[0], str):
+            raise PapiDataError(f"{path}: entry {i} has no text in output[0]")
+        texts.append(out[0].strip())
+    return texts
+
+
+def load_papi(
+    root: str | os.PathLike | None = None, coding: str = "keyed", personas: bool = True
+) -> PapiData:
+    """Load a PAPI directory (see :func:`locate_papi`) with the given response coding."""
+    if coding not in CODINGS:
+        raise PapiDataError(f"dataset.coding={coding!r} is not one of {CODINGS}")
+    path = locate_papi(root)
+    items = load_item_key(path / "IPIP-NEO-ItemKey.xls")
+    train, test = load_split(path / "mpi_300_split.json", items)
+    subjects = load_subjects(path / "Test-set.json", items, coding)
+    if personas and (path / PERSONA_FILE).is_file():
+        for subject, text in zip(subjects, load_personas(path / PERSONA_FILE, len(subjects))):
+            subject.persona = text
+    return PapiData(root=path, coding=coding, inventory=Inventory(items, train, test), subjects=subjects)
+
+
+def select_subjects(
+    subjects: Sequence[Subject],
+    limit: int | None = None,
+    cases: Sequence[int] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> list[Subject]:
+    """All subjects, explicit ``cases``, a seeded random ``sample`` of N, then the first ``limit``."""
+    chosen = list(subjects)
+    if cases:
+        by_case = {s.case: s for s in subjects}
+        unknown = [c for c in cases if c not in by_case]
+        if unknown:
+            raise PapiDataError(f"dataset.cases: unknown case id(s) {unknown}")
+        chosen = [by_case[c] for c in cases]
+    if sample:
+        if sample > len(chosen):
+            raise PapiDataError(f"dataset.sample={sample} exceeds the {len(chosen)} subjects")
+        rng = np.random.default_rng(seed)
+        picked = np.sort(rng.choice(len(chosen), size=sample, replace=False))
+        chosen = [chosen[i] for i in picked]
+    if limit is not None:
+        chosen = chosen[:limit]
+    return chosen
+
+
+def keyed(raw: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Raw answers -> keyed scores (6 - raw for key -1); 0 (missing/unparsed) stays 0."""
+    return np.where((key < 0) & (raw != 0), 6 - raw, raw)
+
+

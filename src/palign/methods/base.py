@@ -1,0 +1,84 @@
+"""The interface every alignment method implements.
+
+A method is set up once per run (:meth:`Method.setup`), then for each subject it *aligns* on the
+subject's alignment items (the 120 IPIP-NEO-120 answers), returning an :class:`Artifact`, and
+*answers* items with that artifact. The runner never looks inside an artifact, so PAS
+(interventions), DPO/PPO (adapters) and prompting methods (system prompts) plug in alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from palign.data.papi import Item, PapiData, Subject
+
+if TYPE_CHECKING:
+    from palign.eval.scoring import Scorer
+
+
+@dataclass
+class Answers:
+    """A method's answers to ``n`` items.
+
+    ``scores``: (n,) raw answers 1..5, 0 where no answer could be parsed.
+    ``probs``: (n, 5) probabilities of options A..E (logit scoring), else None.
+    ``texts``: generated texts (generative scoring), else None.
+    """
+
+    scores: np.ndarray
+    probs: np.ndarray | None = None
+    texts: list[str] | None = None
+
+    @property
+    def expected(self) -> np.ndarray | None:
+        """(n,) expected raw answer under ``probs`` (A=5 ... E=1)."""
+        if self.probs is None:
+            return None
+        return self.probs @ np.arange(5, 0, -1, dtype=self.probs.dtype)
+
+
+@dataclass
+class Artifact:
+    """What aligning on one subject produced. Subclasses add fields and extend :meth:`save`."""
+
+    case: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        """Write the artifact into ``directory`` (created)."""
+        import json
+
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "artifact.json").write_text(json.dumps({"case": self.case, **self.meta}, indent=2))
+
+
+@dataclass
+class MethodContext:
+    """What the runner hands a method: the loaded data, and the scorer for LLM methods."""
+
+    data: PapiData
+    scorer: Scorer | None = None
+
+
+class Method(ABC):
+    """Base class of all methods. ``uses_llm`` tells the runner whether to load a model."""
+
+    name: str = "method"
+    uses_llm: bool = False
+
+    def setup(self, context: MethodContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
+        """Fit to ``subject``'s answers on ``items`` (the alignment items only)."""
+
+    @abstractmethod
+    def answer(self, subject: Subject, artifact: Artifact, items: Sequence[Item]) -> Answers:
+        """Answer ``items`` as ``subject`` would, using only ``artifact`` from ``subject``."""
