@@ -1,0 +1,300 @@
+"""Answering inventory items with an LLM, in a Lightning predict loop.
+
+All item prompts of one call share a long token prefix (chat template, system prompt such as the
+~1.5k-token few-shot context, the start of the question). That prefix is run through the model
+once; its KV cache is reused for every batch. The remaining tokens of each prompt (the suffix) are
+left-padded *after* the prefix, with explicit position ids, so all rows end in the same column:
+one forward gives every row's next-token logits, and greedy decoding appends columns in lockstep.
+
+Two ways to answer (``mode``):
+
+- ``logit`` (default): the assistant turn is prefilled up to the option letter
+  (``answer_prefix``, e.g. ``"Option ("``); the log-probabilities of the five letter tokens at the
+  next position give the answer distribution; the answer is its argmax (A=5 ... E=1).
+- ``generate`` (paper-compatible): greedy decoding of up to ``max_new_tokens`` tokens from the
+  opened assistant turn; the first option letter is parsed as the paper's reference code does.
+  Unparseable answers are kept as 0 and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from palign.constants import LETTER_SCORE, OPTION_LETTERS, UNPARSED
+from palign.data.papi import Item
+from palign.eval.prompts import PromptRenderer, item_question
+from palign.methods.base import Answers
+from palign.models.loading import LoadedModel
+
+MODES = ("logit", "generate")
+#: The reference parser: an option letter followed by a non-letter, within the first 12 characters.
+_ANSWER = re.compile(r"[abcdeABCDE](?:[^a-zA-Z]|$)")
+
+
+class ScoringError(RuntimeError):
+    """The model/tokenizer cannot be scored as configured; the message names the config key."""
+
+
+def parse_answer(text: str, window: int = 12) -> int:
+    """Raw answer (5..1) of the first option letter in ``text[:window]``, or 0 if there is none.
+
+    A letter counts when a non-letter follows it (``"(B)."``, ``"b "``), or when the text ends
+    right after it; a letter cut off by the window does not count.
+    """
+    head = text[:window]
+    cut = len(text) > window
+    for match in _ANSWER.finditer(head):
+        if len(match.group()) == 1 and cut:
+            continue  # the letter ends the window; what follows it was cut off
+        return LETTER_SCORE[match.group()[0].upper()]
+    return UNPARSED
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by all sequences, leaving each >= 1 token."""
+    if not sequences:
+        return 0
+    shortest = min(len(s) for s in sequences)
+    first = np.asarray(sequences[0][:shortest])
+    limit = shortest - 1
+    for seq in sequences[1:]:
+        diff = np.nonzero(np.asarray(seq[:shortest]) != first)[0]
+        if diff.size:
+            limit = min(limit, int(diff[0]))
+    return max(limit, 0)
+
+
+def letter_token_ids(renderer: PromptRenderer, answer_prefix: str) -> list[int]:
+    """Token id of each option letter right after ``answer_prefix`` in an assistant turn.
+
+    Raises :class:`ScoringError` if a letter is not one token appended to the prefix's tokens.
+    """
+    base = renderer.render("s", "q", answer_prefix)
+    base_ids = renderer.encode(base)
+    ids = []
+    for letter in OPTION_LETTERS:
+        full = renderer.encode(base + letter)
+        if len(full) != len(base_ids) + 1 or full[: len(base_ids)] != base_ids:
+            raise ScoringError(
+                f"scoring.answer_prefix={answer_prefix!r}: the tokenizer does not add option "
+                f"letter {letter!r} as a single token after it; choose another prefix or "
+                "use scoring.mode=generate"
+            )
+        ids.append(full[-1])
+    if len(set(ids)) != len(ids):
+        raise ScoringError(f"scoring.answer_prefix={answer_prefix!r}: option letters share a token")
+    return ids
+
+
+class SuffixBatches(L.LightningDataModule):
+    """Predict batches of prompt suffixes (the tokens after the shared prefix).
+
+    Rows are grouped by length to limit padding; each batch is a dict with ``input_ids`` (B, S)
+    left-padded, ``attention_mask`` (B, S) and ``index`` (B,) into the original order.
+    """
+
+    def __init__(self, suffixes: Sequence[Sequence[int]], pad_id: int, batch_size: int):
+        super().__init__()
+        self.suffixes = [list(s) for s in suffixes]
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        order = sorted(range(len(self.suffixes)), key=lambda i: len(self.suffixes[i]))
+        return DataLoader(order, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate)
+
+    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        width = max(len(self.suffixes[i]) for i in indices)
+        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            seq = self.suffixes[i]
+            ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        return {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(indices)}
+
+
+class ItemScorer(L.LightningModule):
+    """Runs a causal LM over suffix batches that continue one shared, cached prefix.
+
+    ``predict_step`` returns ``index`` (B,), ``letter_logprobs`` (B, 5) (log-softmax over the whole
+    vocabulary, read at the first answer position) and, in ``generate`` mode, ``tokens``
+    (B, max_new_tokens) of greedy continuations padded with ``pad_id`` after EOS.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        letter_ids: Sequence[int] | None,
+        pad_id: int,
+        eos_ids: Sequence[int],
+        mode: str = "logit",
+        max_new_tokens: int = 15,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ScoringError(f"scoring.mode={mode!r} is not one of {MODES}")
+        self.model = model
+        self.letter_ids = list(letter_ids) if letter_ids is not None else None
+        self.pad_id = pad_id
+        self.eos_ids = list(eos_ids)
+        self.mode = mode
+        self.max_new_tokens = max_new_tokens
+        self._prefix_ids: list[int] = []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def set_prefix(self, prefix_ids: Sequence[int]) -> None:
+        """Use ``prefix_ids`` (>= 1 token) as the shared prefix; its KV cache is built on first use."""
+        if len(prefix_ids) == 0:
+            raise ScoringError("the prompts share no token prefix; the scorer needs at least one")
+        if list(prefix_ids) != self._prefix_ids:
+            self._prefix_ids = list(prefix_ids)
+            self._prefix_kv = None
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the cached prefix KV (call after changing the model, e.g. adding hooks)."""
+        self._prefix_kv = None
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self._prefix_ids)
+
+    def _prefix_cache(self, batch_size: int):
+        from transformers import DynamicCache
+
+        if self._prefix_kv is None:
+            ids = torch.tensor([self._prefix_ids], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        data = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self._prefix_kv]
+        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    def forward(self, input_ids, attention_mask, past_key_values, position_ids):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1].float()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, prefix = ids.shape[0], self.prefix_length
+        cache = self._prefix_cache(rows)
+        full_mask = torch.cat([mask.new_ones(rows, prefix), mask], dim=1)
+        positions = (prefix + mask.cumsum(-1) - 1).clamp(min=prefix)
+        logits = self(ids, full_mask, cache, positions)
+        out = {"index": batch["index"]}
+        if self.letter_ids is not None:
+            out["letter_logprobs"] = torch.log_softmax(logits, -1)[:, self.letter_ids]
+        if self.mode == "generate":
+            out["tokens"] = self._greedy(logits, full_mask, positions[:, -1], cache)
+        return out
+
+    def _greedy(self, logits, mask, last_position, cache) -> torch.Tensor:
+        rows = logits.shape[0]
+        eos = torch.tensor(self.eos_ids, device=logits.device)
+        tokens = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=logits.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        for step in range(self.max_new_tokens):
+            nxt = logits.argmax(-1)
+            tokens[:, step] = torch.where(done, self.pad_id, nxt)
+            done |= torch.isin(nxt, eos)
+            if done.all() or step == self.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            last_position = last_position + 1
+            logits = self(nxt[:, None], mask, cache, last_position[:, None])
+        return tokens
+
+
+@dataclass
+class ScoringConfig:
+    """``conf/scoring``-style settings of a :class:`Scorer` (see the module docstring)."""
+
+    mode: str = "logit"
+    answer_prefix: str = "Option ("
+    batch_size: int = 16
+    max_new_tokens: int = 15
+    parse_window: int = 12
+    use_chat_template: bool = True
+
+
+class Scorer:
+    """Answers items with a loaded model: renders prompts, shares the prefix, runs the predict loop."""
+
+    def __init__(self, loaded: LoadedModel, trainer: L.Trainer, config: ScoringConfig | None = None):
+        self.loaded = loaded
+        self.trainer = trainer
+        self.config = config or ScoringConfig()
+        if self.config.mode not in MODES:
+            raise ScoringError(f"scoring.mode={self.config.mode!r} is not one of {MODES}")
+        self.renderer = PromptRenderer(loaded.tokenizer, self.config.use_chat_template)
+        tok = loaded.tokenizer
+        generate = self.config.mode == "generate"
+        eos = _eos_ids(loaded) if generate else []
+        self.module = ItemScorer(
+            loaded.model,
+            letter_ids=None if generate else letter_token_ids(self.renderer, self.config.answer_prefix),
+            pad_id=tok.pad_token_id,
+            eos_ids=eos,
+            mode=self.config.mode,
+            max_new_tokens=self.config.max_new_tokens,
+        )
+
+    @property
+    def assistant_prefix(self) -> str:
+        return "" if self.config.mode == "generate" else self.config.answer_prefix
+
+    def encode_prompts(self, system_prompt: str, items: Sequence[Item]) -> list[list[int]]:
+        return [
+            self.renderer.encode(self.renderer.render(system_prompt, item_question(it), self.assistant_prefix))
+            for it in items
+        ]
+
+    def score(self, system_prompt: str, items: Sequence[Item]) -> Answers:
+        """Answer ``items`` under ``system_prompt``; one shared prefix KV cache for all of them."""
+        ids = self.encode_prompts(system_prompt, items)
+        shared = common_prefix_length(ids)
+        self.module.set_prefix(ids[0][:shared])
+        data = SuffixBatches([s[shared:] for s in ids], self.loaded.tokenizer.pad_token_id, self.config.batch_size)
+        outputs = self.trainer.predict(self.module, datamodule=data, return_predictions=True)
+        index = torch.cat([o["index"] for o in outputs]).cpu().numpy()
+        order = np.argsort(index)
+        if self.config.mode == "logit":
+            logp = torch.cat([o["letter_logprobs"] for o in outputs]).cpu().double().numpy()[order]
+            probs = np.exp(logp - logp.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+            scores = 5 - logp.argmax(1)
+            return Answers(scores=scores.astype(np.int64), probs=probs)
+        tokens = torch.cat([o["tokens"] for o in outputs]).cpu()[order]
+        texts = self.loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        scores = np.array([parse_answer(t, self.config.parse_window) for t in texts], dtype=np.int64)
+        return Answers(scores=scores, texts=texts)
+
+
+def make_trainer(**trainer_kwargs) -> L.Trainer:
+    """A Trainer for predict loops: no logger, checkpoints or bars of its own (the runner has them)."""
+    defaults = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**defaults, **trainer_kwargs})
+
+
+def _eos_ids(loaded: LoadedModel) -> list[int]:
+    """Token ids that end a generation: the tokenizer's EOS and the generation config's."""
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [loaded.tokenizer.eos_token_id, *ids] if i is not None})

@@ -1,0 +1,70 @@
+"""Turning per-subject results into ``summary.json`` and the markdown report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from palign.constants import TRAITS
+from palign.eval.metrics import mean_mae
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    """Mean per-trait MAE, Score (sum of those means), UNK rate and timings over subject rows."""
+    mae = mean_mae([r["mae"] for r in rows])
+    out = {
+        "n_subjects": len(rows),
+        "mae": mae,
+        "score": float(sum(mae.values())),
+        "unk_rate": float(np.mean([r["unk_rate"] for r in rows])) if rows else float("nan"),
+    }
+    if rows and "timing" in rows[0]:
+        out["timing"] = {
+            "align_s_per_subject": float(np.mean([r["timing"]["align_s"] for r in rows])),
+            "eval_s_per_subject": float(np.mean([r["timing"]["eval_s"] for r in rows])),
+        }
+    return out
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _row(name: str, entry: dict) -> str:
+    timing = entry.get("timing", {})
+    cells = [
+        name,
+        str(entry["n_subjects"]),
+        *(_fmt(entry["mae"][t]) for t in TRAITS),
+        f"**{_fmt(entry['score'])}**",
+        f"{100 * entry.get('unk_rate', 0.0):.1f}%",
+        _fmt(timing.get("align_s_per_subject", float("nan")), 2),
+        _fmt(timing.get("eval_s_per_subject", float("nan")), 2),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def report_markdown(summary: dict) -> str:
+    """The run's table: the method beside the statistical baselines on the same subjects."""
+    protocol = summary["protocol"]
+    head = (
+        f"# palign report: {summary['method']} on {summary['model']}\n\n"
+        f"Protocol **{protocol['name']}** (coding `{protocol['coding']}`, scoring "
+        f"`{protocol['scoring']}`). Per-trait mean absolute error on the 1..5 scale over the "
+        f"{summary['n_test_items']} test items, mean over subjects; Score = sum of the five "
+        "(lower is better). UNK = answers that could not be parsed (left out of the MAE).\n\n"
+    )
+    cols = ["method", "subjects", *TRAITS, "Score", "UNK", "align s/subj", "eval s/subj"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines.append(_row(summary["method"], summary))
+    for name, entry in summary["baselines"].items():
+        if name != summary["method"]:
+            lines.append(_row(f"{name} (no LLM)", entry))
+    text = head + "\n".join(lines) + "\n"
+    population = summary.get("baselines_all_subjects")
+    if population and next(iter(population.values()))["n_subjects"] != summary["n_subjects"]:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += [_row(f"{name} (no LLM)", entry) for name, entry in population.items()]
+        text += "\nStatistical baselines on all loaded subjects:\n\n" + "\n".join(lines) + "\n"
+    return text

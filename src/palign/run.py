@@ -1,0 +1,142 @@
+"""The evaluation runner: align and evaluate one method on the selected subjects, write outputs.
+
+Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``results.jsonl`` (one line per
+subject, appended as each finishes), ``summary.json``, ``report.md`` and, if enabled, one
+artifact folder per subject under ``artifacts/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from palign import __version__
+from palign.constants import TRAITS
+from palign.data.papi import Inventory, PapiData, Subject, load_papi, select_subjects
+from palign.eval.metrics import subject_metrics
+from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
+from palign.methods.base import Artifact, Method, MethodContext
+from palign.methods.statistical import BASELINES
+from palign.report import aggregate, report_markdown
+
+log = logging.getLogger("palign")
+
+
+def evaluate_subject(method: Method, subject: Subject, inventory: Inventory) -> tuple[dict, Artifact]:
+    """Align ``method`` on the subject's alignment items, answer the test items, score them."""
+    start = time.perf_counter()
+    artifact = method.align(subject, inventory.train_items)
+    aligned = time.perf_counter()
+    answers = method.answer(subject, artifact, inventory.test_items)
+    done = time.perf_counter()
+    metrics = subject_metrics(answers.scores, subject.answers(inventory.test), inventory.test_items)
+    row = {
+        "case": subject.case,
+        "method": method.name,
+        **metrics.to_dict(),
+        "timing": {"align_s": aligned - start, "eval_s": done - aligned},
+    }
+    return row, artifact
+
+
+def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
+    """Aggregated results of every statistical baseline on ``subjects``."""
+    out = {}
+    for cls in BASELINES:
+        baseline = cls()
+        baseline.setup(MethodContext(data))
+        rows = [evaluate_subject(baseline, s, data.inventory)[0] for s in subjects]
+        entry = aggregate(rows)
+        entry.pop("timing", None)
+        out[baseline.name] = entry
+    return out
+
+
+def _log_line(row: dict) -> str:
+    maes = " ".join(f"{t} {row['mae'][t]:.2f}" for t in TRAITS)
+    t = row["timing"]
+    return (
+        f"case {row['case']}: Score {row['score']:.3f} ({maes}) UNK {100 * row['unk_rate']:.1f}% "
+        f"align {t['align_s']:.2f}s eval {t['eval_s']:.2f}s"
+    )
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one configured evaluation; returns the summary (also written to ``summary.json``)."""
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, value in (cfg.hardware.get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
+    ds = cfg.dataset
+    subjects = select_subjects(
+        data.subjects,
+        limit=ds.limit,
+        cases=list(ds.cases) if ds.cases else None,
+        sample=ds.sample,
+        seed=ds.seed,
+    )
+    method: Method = instantiate(cfg.method)
+    scorer = None
+    model_name = "none (no LLM)"
+    if method.uses_llm:
+        loaded = instantiate(cfg.model)
+        model_name = loaded.name
+        trainer = make_trainer(**OmegaConf.to_container(cfg.hardware.trainer, resolve=True))
+        scorer = Scorer(loaded, trainer, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)))
+    method.setup(MethodContext(data=data, scorer=scorer))
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    try:
+        if logger is not None:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        rows = []
+        with open(out_dir / "results.jsonl", "a", encoding="utf-8") as results:
+            for step, subject in enumerate(tqdm(subjects, desc=f"{method.name} subjects", unit="subject")):
+                row, artifact = evaluate_subject(method, subject, data.inventory)
+                results.write(json.dumps(row) + "\n")
+                results.flush()
+                if cfg.save_artifacts:
+                    artifact.save(out_dir / "artifacts" / str(subject.case))
+                if logger is not None:
+                    flat = {f"mae/{t}": row["mae"][t] for t in TRAITS}
+                    logger.log_metrics({**flat, "score": row["score"], "unk_rate": row["unk_rate"]}, step=step)
+                rows.append(row)
+                log.info(_log_line(row))
+        summary = {
+            "method": method.name,
+            "model": model_name,
+            "protocol": {
+                "name": cfg.protocol.name,
+                "coding": cfg.protocol.coding,
+                "scoring": cfg.scoring.mode if method.uses_llm else "none (no LLM)",
+            },
+            "n_test_items": len(data.inventory.test),
+            **aggregate(rows),
+            "cases": [s.case for s in subjects],
+            "baselines": baseline_results(data, subjects),
+            "baselines_all_subjects": baseline_results(data, data.subjects),
+            "versions": {"palign": __version__},
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        report = report_markdown(summary)
+        (out_dir / "report.md").write_text(report)
+        if logger is not None:
+            logger.log_metrics({"summary/score": summary["score"]}, step=len(rows))
+        print(report)
+        log.info("Outputs in %s", out_dir)
+        return summary
+    finally:
+        if logger is not None:
+            logger.finalize("success")

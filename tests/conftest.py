@@ -1,0 +1,65 @@
+"""Shared fixtures: the real PAPI files, a tiny random model, Hydra composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from palign.data import load_papi
+from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
+from palign.models import load_random
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+TINY_LLAMA = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    tie_word_embeddings=True,
+)
+
+
+@pytest.fixture(scope="session")
+def papi():
+    """The real PAPI files in keyed coding (found by palign's data-location rules)."""
+    return load_papi()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_random("tiny_llama", TINY_LLAMA, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trainer():
+    return make_trainer(accelerator="cpu", devices=1)
+
+
+@pytest.fixture
+def make_scorer(tiny, trainer):
+    def build(**kwargs) -> Scorer:
+        return Scorer(tiny, trainer, ScoringConfig(**kwargs))
+
+    return build
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    """Compose ``conf/config.yaml`` with overrides; outputs go to a fresh tmp dir."""
+
+    def build(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "run")
+        return cfg
+
+    return build
