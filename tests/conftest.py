@@ -55,11 +55,11 @@ def make_scorer(tiny, trainer):
 def cfg_factory(tmp_path):
     """Compose ``conf/config.yaml`` with overrides; outputs go to a fresh tmp dir."""
 
-    def build(*overrides: str) -> DictConfig:
+    def build(*overrides: str, out: str = "run") -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
         with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.paths.output_dir = str(tmp_path / out)
         return cfg
 
     return build

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -70,6 +71,18 @@ def _log_line(row: dict) -> str:
     )
 
 
+def build(node: DictConfig):
+    """``hydra.utils.instantiate``, re-raising palign's own errors unwrapped (they name the key)."""
+    from palign.__main__ import USER_ERRORS
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, USER_ERRORS):
+            raise e.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one configured evaluation; returns the summary (also written to ``summary.json``)."""
     out_dir = Path(cfg.paths.output_dir)
@@ -88,16 +101,16 @@ def run(cfg: DictConfig) -> dict:
         sample=ds.sample,
         seed=ds.seed,
     )
-    method: Method = instantiate(cfg.method)
+    method: Method = build(cfg.method)
     scorer = None
     model_name = "none (no LLM)"
     if method.uses_llm:
-        loaded = instantiate(cfg.model)
+        loaded = build(cfg.model)
         model_name = loaded.name
         trainer = make_trainer(**OmegaConf.to_container(cfg.hardware.trainer, resolve=True))
         scorer = Scorer(loaded, trainer, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)))
     method.setup(MethodContext(data=data, scorer=scorer))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    logger = build(cfg.logger) if cfg.get("logger") else None
     try:
         if logger is not None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

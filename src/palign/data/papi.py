@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,9 @@ def load_item_key(path: Path) -> dict[int, Item]:
     import pandas as pd
 
     try:
-        frame = pd.read_excel(path)
+        with warnings.catch_warnings():  # pandas 3 flags its xlrd engine as deprecated
+            warnings.simplefilter("ignore")
+            frame = pd.read_excel(path, engine="xlrd")
     except Exception as e:  # xlrd raises several unrelated types for a broken file
         raise PapiDataError(f"{path}: cannot read the item key: {e}") from e
     missing = [c for c in ("Full#", "Sign", "Facet", "Item") if c not in frame.columns]

@@ -73,4 +73,9 @@ def subject_metrics(predicted: np.ndarray, target: np.ndarray, items: Sequence[I
 
 def mean_mae(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Mean over subjects of per-trait MAE dicts, ignoring subjects where a trait is NaN."""
-    return {t: float(np.nanmean([r[t] for r in rows])) if rows else float("nan") for t in TRAITS}
+    out = {}
+    for t in TRAITS:
+        values = np.array([r[t] for r in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        out[t] = float(finite.mean()) if finite.size else float("nan")
+    return out

@@ -18,7 +18,9 @@ Two ways to answer (``mode``):
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -284,6 +286,9 @@ class Scorer:
 
 def make_trainer(**trainer_kwargs) -> L.Trainer:
     """A Trainer for predict loops: no logger, checkpoints or bars of its own (the runner has them)."""
+    # Lightning's per-Trainer banners (GPU available, tips) are noise in a per-subject loop.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     defaults = dict(
         logger=False,
         enable_checkpointing=False,
