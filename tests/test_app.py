@@ -48,12 +48,19 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory):
         assert row["timing"]["eval_s"] > 0
     assert saved["method"] == "few_shot" and saved["model"] == "tiny_llama"
     assert saved["protocol"] == {"name": "clean", "coding": "keyed", "scoring": "logit"}
-    assert saved["n_subjects"] == 2 and set(saved["timing"]) == {"align_s_per_subject", "eval_s_per_subject"}
+    assert saved["n_subjects"] == 2 and set(saved["timing"]) == {
+        "align_s_per_subject",
+        "eval_s_per_subject",
+    }
     assert set(saved["baselines"]) == {"constant", "trait_mean", "item_mean"}
     assert saved["baselines"]["constant"]["n_subjects"] == 2
     assert saved["baselines_all_subjects"]["constant"]["n_subjects"] == 300
     report = (out / "report.md").read_text()
-    assert "| few_shot | 2 |" in report and "| item_mean (no LLM) | 2 |" in report and "clean" in report
+    assert (
+        "| few_shot | 2 |" in report
+        and "| item_mean (no LLM) | 2 |" in report
+        and "clean" in report
+    )
     resolved = OmegaConf.load(out / "config.yaml")
     assert resolved.scoring.mode == "logit" and resolved.scoring.batch_size == 16
     prompt = (out / "artifacts" / str(rows[0]["case"]) / "system_prompt.txt").read_text()
@@ -64,7 +71,13 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory):
 
 
 def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
-    cfg = cfg_factory("model=tiny_llama", "method=no_change", "protocol=paper", "dataset.limit=1", "scoring.max_new_tokens=3")
+    cfg = cfg_factory(
+        "model=tiny_llama",
+        "method=no_change",
+        "protocol=paper",
+        "dataset.limit=1",
+        "scoring.max_new_tokens=3",
+    )
     summary = run(cfg)
     rows, _ = _read(Path(cfg.paths.output_dir))
     assert summary["protocol"] == {"name": "paper", "coding": "as_stored", "scoring": "generate"}
@@ -74,7 +87,9 @@ def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
 
 
 def test_personality_prompt_on_sampled_subjects(cfg_factory, papi):
-    cfg = cfg_factory("model=tiny_llama", "method=personality_prompt", "dataset.sample=2", "dataset.seed=3")
+    cfg = cfg_factory(
+        "model=tiny_llama", "method=personality_prompt", "dataset.sample=2", "dataset.seed=3"
+    )
     summary = run(cfg)
     assert summary["cases"] == [s.case for s in select_subjects(papi.subjects, sample=2, seed=3)]
     out = Path(cfg.paths.output_dir) / "artifacts" / str(summary["cases"][0]) / "system_prompt.txt"
@@ -86,14 +101,19 @@ def test_runs_are_reproducible(cfg_factory):
     first = run(cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", out="a"))
     second = run(cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", out="b"))
     assert first["mae"] == second["mae"]
-    other_seed = run(cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", "seed=1", out="c"))
+    other_seed = run(
+        cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", "seed=1", out="c")
+    )
     assert other_seed["mae"] != first["mae"]  # the seed initialises the random model
 
 
 def _cli(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "palign", *args, f"hydra.run.dir={cwd}/out"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
     )
 
 
@@ -108,10 +128,22 @@ def test_cli_statistical_method(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["dataset.root=/nonexistent/papi"], "dataset.root=/nonexistent/papi: /nonexistent/papi lacks Test-set.json"),
-        (["model=llama3_8b", "method=no_change", "dataset.limit=1"], "model.name_or_path='meta-llama/Meta-Llama-3-8B-Instruct': weights not available offline"),
-        (["model=llama3_70b_4bit", "method=no_change", "dataset.limit=1"], "model=llama3_70b_4bit: model.quantization (bitsandbytes 4/8-bit) needs a CUDA GPU"),
-        (["model=tiny_llama", "method=no_change", "scoring.mode=sample", "dataset.limit=1"], "scoring.mode='sample' is not one of"),
+        (
+            ["dataset.root=/nonexistent/papi"],
+            "dataset.root=/nonexistent/papi: /nonexistent/papi lacks Test-set.json",
+        ),
+        (
+            ["model=llama3_8b", "method=no_change", "dataset.limit=1"],
+            "model.name_or_path='meta-llama/Meta-Llama-3-8B-Instruct': weights not available offline",
+        ),
+        (
+            ["model=llama3_70b_4bit", "method=no_change", "dataset.limit=1"],
+            "model=llama3_70b_4bit: model.quantization (bitsandbytes 4/8-bit) needs a CUDA GPU",
+        ),
+        (
+            ["model=tiny_llama", "method=no_change", "scoring.mode=sample", "dataset.limit=1"],
+            "scoring.mode='sample' is not one of",
+        ),
         (["dataset.cases=[1,2]"], "dataset.cases: unknown case id(s) [1, 2]"),
     ],
 )

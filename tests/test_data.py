@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from palign.data import PapiDataError, keyed, load_papi, locate_papi, select_subjects
-from palign.data.check import keyed_mean_correlations, main as check_main, verdict
+from palign.data.check import keyed_mean_correlations, verdict
+from palign.data.check import main as check_main
 
 
 def test_items_are_looked_up_by_full_number(papi):
@@ -41,7 +42,13 @@ def test_codings_differ_only_on_negatively_keyed_items(papi):
 
 
 def test_keyed_leaves_missing_answers_missing():
-    assert keyed(np.array([0, 1, 5, 0, 2]), np.array([-1, -1, -1, 1, 1])).tolist() == [0, 5, 1, 0, 2]
+    assert keyed(np.array([0, 1, 5, 0, 2]), np.array([-1, -1, -1, 1, 1])).tolist() == [
+        0,
+        5,
+        1,
+        0,
+        2,
+    ]
 
 
 def test_coding_check_finds_keyed_storage(papi, capsys):
@@ -50,7 +57,13 @@ def test_coding_check_finds_keyed_storage(papi, capsys):
     corr = keyed_mean_correlations(
         stored.answers, np.array([i.trait for i in items]), np.array([i.key for i in items])
     )
-    assert {t: round(r, 2) for t, r in corr.items()} == {"A": 0.77, "C": 0.82, "E": 0.86, "N": 0.88, "O": 0.78}
+    assert {t: round(r, 2) for t, r in corr.items()} == {
+        "A": 0.77,
+        "C": 0.82,
+        "E": 0.86,
+        "N": 0.88,
+        "O": 0.78,
+    }
     assert verdict(corr) == "keyed"
     # Decoded to raw, the same statistic turns negative: the check then says as_stored.
     raw_corr = keyed_mean_correlations(
@@ -68,7 +81,10 @@ def test_personas_are_index_aligned(papi):
 
 def test_subject_selection(papi):
     subjects = papi.subjects
-    assert [s.case for s in select_subjects(subjects, limit=2)] == [subjects[0].case, subjects[1].case]
+    assert [s.case for s in select_subjects(subjects, limit=2)] == [
+        subjects[0].case,
+        subjects[1].case,
+    ]
     picked = select_subjects(subjects, cases=[subjects[5].case, subjects[2].case])
     assert [s.index for s in picked] == [5, 2]
     a = select_subjects(subjects, sample=10, seed=1)
@@ -83,7 +99,12 @@ def test_subject_selection(papi):
 
 @pytest.fixture
 def papi_copy(papi, tmp_path):
-    for name in ("Test-set.json", "mpi_300_split.json", "IPIP-NEO-ItemKey.xls", "personality_prompt.json"):
+    for name in (
+        "Test-set.json",
+        "mpi_300_split.json",
+        "IPIP-NEO-ItemKey.xls",
+        "personality_prompt.json",
+    ):
         shutil.copy(papi.root / name, tmp_path / name)
     return tmp_path
 
@@ -102,20 +123,26 @@ def test_bad_json(papi_copy):
 
 def test_missing_item(papi_copy):
     _edit_records(papi_copy, lambda r: r[3].pop("i17"))
-    with pytest.raises(PapiDataError, match=r"Test-set.json: record 3 \(case \d+\): missing item field 'i17'"):
+    with pytest.raises(
+        PapiDataError, match=r"Test-set.json: record 3 \(case \d+\): missing item field 'i17'"
+    ):
         load_papi(papi_copy)
 
 
 @pytest.mark.parametrize("value", [6, -1, "4", 2.5, True])
 def test_value_out_of_range(papi_copy, value):
     _edit_records(papi_copy, lambda r: r[7].__setitem__("i250", value))
-    with pytest.raises(PapiDataError, match=r"record 7 \(case \d+\): field 'i250' = .* is not an answer in 0..5"):
+    with pytest.raises(
+        PapiDataError, match=r"record 7 \(case \d+\): field 'i250' = .* is not an answer in 0..5"
+    ):
         load_papi(papi_copy)
 
 
 def test_duplicate_case(papi_copy):
     _edit_records(papi_copy, lambda r: r[10].__setitem__("case", r[4]["case"]))
-    with pytest.raises(PapiDataError, match=r"record 10 \(case \d+\): duplicate case, first seen at record 4"):
+    with pytest.raises(
+        PapiDataError, match=r"record 10 \(case \d+\): duplicate case, first seen at record 4"
+    ):
         load_papi(papi_copy)
 
 
@@ -123,7 +150,9 @@ def test_unknown_item_in_split(papi_copy):
     split = json.load(open(papi_copy / "mpi_300_split.json"))
     split["test_index"][5] = 301
     (papi_copy / "mpi_300_split.json").write_text(json.dumps(split))
-    with pytest.raises(PapiDataError, match=r"mpi_300_split.json: test_index\[5\] = 301 is not an item id"):
+    with pytest.raises(
+        PapiDataError, match=r"mpi_300_split.json: test_index\[5\] = 301 is not an item id"
+    ):
         load_papi(papi_copy)
 
 
@@ -138,7 +167,9 @@ def test_split_overlap(papi_copy):
 def test_persona_file_length_mismatch(papi_copy):
     entries = json.load(open(papi_copy / "personality_prompt.json"))
     (papi_copy / "personality_prompt.json").write_text(json.dumps(entries[:-1]))
-    with pytest.raises(PapiDataError, match="personality_prompt.json: expected a list of 300 entries, got 299"):
+    with pytest.raises(
+        PapiDataError, match="personality_prompt.json: expected a list of 300 entries, got 299"
+    ):
         load_papi(papi_copy)
 
 

@@ -11,7 +11,10 @@ from palign.run import baseline_results
 
 def _items(spec):
     """spec: list of (trait, key) -> Items numbered from 1."""
-    return [Item(number=i + 1, text=f"Item {i}.", trait=t, key=k, facet="") for i, (t, k) in enumerate(spec)]
+    return [
+        Item(number=i + 1, text=f"Item {i}.", trait=t, key=k, facet="")
+        for i, (t, k) in enumerate(spec)
+    ]
 
 
 def test_metrics_on_a_hand_made_case():
@@ -63,7 +66,9 @@ def test_item_mean_uses_other_subjects_and_trait_offset(papi):
     saved = subject.raw.copy()
     subject.raw[np.array(inv.test) - 1] = 1
     try:
-        again = method.answer(subject, method.align(subject, inv.train_items), inv.test_items).scores
+        again = method.answer(
+            subject, method.align(subject, inv.train_items), inv.test_items
+        ).scores
     finally:
         subject.raw[:] = saved
     assert (again == answers).all()

@@ -22,9 +22,15 @@ def test_item_statement_is_lower_case_without_double_period():
 
 
 def test_few_shot_prompt_lists_labels_and_unknown():
-    items = [Item(1, "Worry about things.", "N", 1, ""), Item(2, "Make friends easily.", "E", 1, "")]
+    items = [
+        Item(1, "Worry about things.", "N", 1, ""),
+        Item(2, "Make friends easily.", "E", 1, ""),
+    ]
     text = few_shot_system_prompt(items, [5, 0])
-    assert text.splitlines()[1:] == ["Worry about things.: Very Accurate", "Make friends easily.: Unknown"]
+    assert text.splitlines()[1:] == [
+        "Worry about things.: Very Accurate",
+        "Make friends easily.: Unknown",
+    ]
 
 
 def test_chat_template_rendering(tiny):

@@ -80,7 +80,10 @@ def test_batched_greedy_generation_equals_hf_generate(papi, tiny, make_scorer):
     for ids, text in zip(scorer.encode_prompts(NEUTRAL_SYSTEM_PROMPT, items), answers.texts):
         with torch.no_grad():
             out = tiny.model.generate(
-                torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id
+                torch.tensor([ids]),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=tiny.tokenizer.pad_token_id,
             )
         assert text == tiny.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     assert answers.scores.tolist() == [parse_answer(t) for t in answers.texts]

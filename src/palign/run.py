@@ -32,7 +32,9 @@ from palign.report import aggregate, report_markdown
 log = logging.getLogger("palign")
 
 
-def evaluate_subject(method: Method, subject: Subject, inventory: Inventory) -> tuple[dict, Artifact]:
+def evaluate_subject(
+    method: Method, subject: Subject, inventory: Inventory
+) -> tuple[dict, Artifact]:
     """Align ``method`` on the subject's alignment items, answer the test items, score them."""
     start = time.perf_counter()
     artifact = method.align(subject, inventory.train_items)
@@ -108,7 +110,9 @@ def run(cfg: DictConfig) -> dict:
         loaded = build(cfg.model)
         model_name = loaded.name
         trainer = make_trainer(**OmegaConf.to_container(cfg.hardware.trainer, resolve=True))
-        scorer = Scorer(loaded, trainer, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)))
+        scorer = Scorer(
+            loaded, trainer, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True))
+        )
     method.setup(MethodContext(data=data, scorer=scorer))
     logger = build(cfg.logger) if cfg.get("logger") else None
     try:
@@ -116,7 +120,9 @@ def run(cfg: DictConfig) -> dict:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         rows = []
         with open(out_dir / "results.jsonl", "a", encoding="utf-8") as results:
-            for step, subject in enumerate(tqdm(subjects, desc=f"{method.name} subjects", unit="subject")):
+            for step, subject in enumerate(
+                tqdm(subjects, desc=f"{method.name} subjects", unit="subject")
+            ):
                 row, artifact = evaluate_subject(method, subject, data.inventory)
                 results.write(json.dumps(row) + "\n")
                 results.flush()
@@ -124,7 +130,9 @@ def run(cfg: DictConfig) -> dict:
                     artifact.save(out_dir / "artifacts" / str(subject.case))
                 if logger is not None:
                     flat = {f"mae/{t}": row["mae"][t] for t in TRAITS}
-                    logger.log_metrics({**flat, "score": row["score"], "unk_rate": row["unk_rate"]}, step=step)
+                    logger.log_metrics(
+                        {**flat, "score": row["score"], "unk_rate": row["unk_rate"]}, step=step
+                    )
                 rows.append(row)
                 log.info(_log_line(row))
         summary = {

@@ -16,7 +16,9 @@ from palign.constants import TRAITS
 from palign.data.papi import N_ITEMS, PapiDataError, load_papi
 
 
-def keyed_mean_correlations(stored: np.ndarray, traits: np.ndarray, key: np.ndarray) -> dict[str, float]:
+def keyed_mean_correlations(
+    stored: np.ndarray, traits: np.ndarray, key: np.ndarray
+) -> dict[str, float]:
     """Per-trait Pearson r between subjects' +keyed and -keyed item means.
 
     ``stored``: (subjects, items) values as in the file, 0 = missing; ``traits``/``key``: (items,).

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from palign.constants import TRAITS
-
 N_ITEMS = 300
 CODINGS = ("keyed", "as_stored")
 REQUIRED_FILES = ("Test-set.json", "mpi_300_split.json", "IPIP-NEO-ItemKey.xls")
@@ -137,7 +135,9 @@ def _read_json(path: Path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise PapiDataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        raise PapiDataError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from e
 
 
 def load_item_key(path: Path) -> dict[int, Item]:
@@ -155,8 +155,9 @@ def load_item_key(path: Path) -> dict[int, Item]:
         raise PapiDataError(f"{path}: item key lacks column(s) {', '.join(missing)}")
     items: dict[int, Item] = {}
     for row_no, row in enumerate(frame.itertuples(index=False), start=2):
-        number, sign, facet, text = row[frame.columns.get_loc("Full#")], *(
-            row[frame.columns.get_loc(c)] for c in ("Sign", "Facet", "Item")
+        number, sign, facet, text = (
+            row[frame.columns.get_loc("Full#")],
+            *(row[frame.columns.get_loc(c)] for c in ("Sign", "Facet", "Item")),
         )
         where = f"{path}: row {row_no} (Full#={number})"
         match = _SIGN.match(str(sign).strip())
@@ -192,7 +193,9 @@ def load_split(path: Path, items: dict[int, Item]) -> tuple[tuple[int, ...], tup
         values = data[name]
         for pos, v in enumerate(values):
             if not isinstance(v, int) or v not in items:
-                raise PapiDataError(f"{path}: {name}[{pos}] = {v!r} is not an item id (1..{N_ITEMS})")
+                raise PapiDataError(
+                    f"{path}: {name}[{pos}] = {v!r} is not an item id (1..{N_ITEMS})"
+                )
         if len(set(values)) != len(values):
             raise PapiDataError(f"{path}: {name} lists an item twice")
         parts.append(tuple(values))
@@ -267,7 +270,9 @@ def load_papi(
     if personas and (path / PERSONA_FILE).is_file():
         for subject, text in zip(subjects, load_personas(path / PERSONA_FILE, len(subjects))):
             subject.persona = text
-    return PapiData(root=path, coding=coding, inventory=Inventory(items, train, test), subjects=subjects)
+    return PapiData(
+        root=path, coding=coding, inventory=Inventory(items, train, test), subjects=subjects
+    )
 
 
 def select_subjects(
@@ -299,5 +304,3 @@ def select_subjects(
 def keyed(raw: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Raw answers -> keyed scores (6 - raw for key -1); 0 (missing/unparsed) stays 0."""
     return np.where((key < 0) & (raw != 0), 6 - raw, raw)
-
-

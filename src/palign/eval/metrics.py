@@ -39,12 +39,16 @@ def _mean(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def subject_metrics(predicted: np.ndarray, target: np.ndarray, items: Sequence[Item]) -> SubjectMetrics:
+def subject_metrics(
+    predicted: np.ndarray, target: np.ndarray, items: Sequence[Item]
+) -> SubjectMetrics:
     """``predicted``, ``target``: raw answers (n_items,), 0 = unparsed / missing."""
     predicted = np.asarray(predicted, dtype=np.int64)
     target = np.asarray(target, dtype=np.int64)
     if predicted.shape != target.shape or predicted.shape != (len(items),):
-        raise ValueError(f"shapes differ: predicted {predicted.shape}, target {target.shape}, {len(items)} items")
+        raise ValueError(
+            f"shapes differ: predicted {predicted.shape}, target {target.shape}, {len(items)} items"
+        )
     traits = np.array([it.trait for it in items])
     key = np.array([it.key for it in items])
     parsed = predicted != UNPARSED

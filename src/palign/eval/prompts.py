@@ -44,7 +44,9 @@ def item_question(item: Item) -> str:
 
 def few_shot_system_prompt(items: Sequence[Item], answers: Sequence[int]) -> str:
     """The subject's alignment answers as ``statement: label`` lines (0 shows as 'Unknown')."""
-    lines = [f"{it.text.strip()}: {ANSWER_LABELS[int(a)]}" for it, a in zip(items, answers, strict=True)]
+    lines = [
+        f"{it.text.strip()}: {ANSWER_LABELS[int(a)]}" for it, a in zip(items, answers, strict=True)
+    ]
     return FEW_SHOT_PREAMBLE + "\n" + "\n".join(lines)
 
 
@@ -69,7 +71,9 @@ class PromptRenderer:
             return f"{head}User: {user}\n\nAssistant: {assistant_prefix}"
         if self._system_role:
             try:
-                text = self._apply([{"role": "system", "content": system}, {"role": "user", "content": user}])
+                text = self._apply(
+                    [{"role": "system", "content": system}, {"role": "user", "content": user}]
+                )
                 return text + assistant_prefix
             except Exception:  # jinja raises TemplateError for templates without a system role
                 self._system_role = False
@@ -77,7 +81,9 @@ class PromptRenderer:
         return self._apply([{"role": "user", "content": merged}]) + assistant_prefix
 
     def _apply(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"]

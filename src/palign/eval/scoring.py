@@ -110,7 +110,9 @@ class SuffixBatches(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         order = sorted(range(len(self.suffixes)), key=lambda i: len(self.suffixes[i]))
-        return DataLoader(order, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate)
+        return DataLoader(
+            order, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate
+        )
 
     def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         width = max(len(self.suffixes[i]) for i in indices)
@@ -175,20 +177,29 @@ class ItemScorer(L.LightningModule):
             ids = torch.tensor([self._prefix_ids], device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
             self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        data = [(k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1)) for k, v in self._prefix_kv]
+        data = [
+            (k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
+            for k, v in self._prefix_kv
+        ]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
     def forward(self, input_ids, attention_mask, past_key_values, position_ids):
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1].float()
+        return (
+            self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            .logits[:, -1]
+            .float()
+        )
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int = 0) -> dict[str, torch.Tensor]:
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int = 0
+    ) -> dict[str, torch.Tensor]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, prefix = ids.shape[0], self.prefix_length
         cache = self._prefix_cache(rows)
@@ -205,7 +216,9 @@ class ItemScorer(L.LightningModule):
     def _greedy(self, logits, mask, last_position, cache) -> torch.Tensor:
         rows = logits.shape[0]
         eos = torch.tensor(self.eos_ids, device=logits.device)
-        tokens = torch.full((rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=logits.device)
+        tokens = torch.full(
+            (rows, self.max_new_tokens), self.pad_id, dtype=torch.long, device=logits.device
+        )
         done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
         for step in range(self.max_new_tokens):
             nxt = logits.argmax(-1)
@@ -234,7 +247,9 @@ class ScoringConfig:
 class Scorer:
     """Answers items with a loaded model: renders prompts, shares the prefix, runs the predict loop."""
 
-    def __init__(self, loaded: LoadedModel, trainer: L.Trainer, config: ScoringConfig | None = None):
+    def __init__(
+        self, loaded: LoadedModel, trainer: L.Trainer, config: ScoringConfig | None = None
+    ):
         self.loaded = loaded
         self.trainer = trainer
         self.config = config or ScoringConfig()
@@ -246,7 +261,9 @@ class Scorer:
         eos = _eos_ids(loaded) if generate else []
         self.module = ItemScorer(
             loaded.model,
-            letter_ids=None if generate else letter_token_ids(self.renderer, self.config.answer_prefix),
+            letter_ids=None
+            if generate
+            else letter_token_ids(self.renderer, self.config.answer_prefix),
             pad_id=tok.pad_token_id,
             eos_ids=eos,
             mode=self.config.mode,
@@ -259,7 +276,9 @@ class Scorer:
 
     def encode_prompts(self, system_prompt: str, items: Sequence[Item]) -> list[list[int]]:
         return [
-            self.renderer.encode(self.renderer.render(system_prompt, item_question(it), self.assistant_prefix))
+            self.renderer.encode(
+                self.renderer.render(system_prompt, item_question(it), self.assistant_prefix)
+            )
             for it in items
         ]
 
@@ -268,7 +287,9 @@ class Scorer:
         ids = self.encode_prompts(system_prompt, items)
         shared = common_prefix_length(ids)
         self.module.set_prefix(ids[0][:shared])
-        data = SuffixBatches([s[shared:] for s in ids], self.loaded.tokenizer.pad_token_id, self.config.batch_size)
+        data = SuffixBatches(
+            [s[shared:] for s in ids], self.loaded.tokenizer.pad_token_id, self.config.batch_size
+        )
         outputs = self.trainer.predict(self.module, datamodule=data, return_predictions=True)
         index = torch.cat([o["index"] for o in outputs]).cpu().numpy()
         order = np.argsort(index)
@@ -280,7 +301,9 @@ class Scorer:
             return Answers(scores=scores.astype(np.int64), probs=probs)
         tokens = torch.cat([o["tokens"] for o in outputs]).cpu()[order]
         texts = self.loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        scores = np.array([parse_answer(t, self.config.parse_window) for t in texts], dtype=np.int64)
+        scores = np.array(
+            [parse_answer(t, self.config.parse_window) for t in texts], dtype=np.int64
+        )
         return Answers(scores=scores, texts=texts)
 
 

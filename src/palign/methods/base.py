@@ -55,7 +55,9 @@ class Artifact:
         import json
 
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "artifact.json").write_text(json.dumps({"case": self.case, **self.meta}, indent=2))
+        (directory / "artifact.json").write_text(
+            json.dumps({"case": self.case, **self.meta}, indent=2)
+        )
 
 
 @dataclass

@@ -31,7 +31,9 @@ def keyed_trait_means(raw: np.ndarray, items: Sequence[Item]) -> np.ndarray:
     for t in TRAITS:
         cols = traits == t
         n = known[..., cols].sum(-1)
-        out.append(np.where(n > 0, (k[..., cols] * known[..., cols]).sum(-1) / np.maximum(n, 1), 3.0))
+        out.append(
+            np.where(n > 0, (k[..., cols] * known[..., cols]).sum(-1) / np.maximum(n, 1), 3.0)
+        )
     return np.stack(out, -1)
 
 
@@ -108,7 +110,9 @@ class ItemMean(Method):
         numbers = np.array([it.number for it in items]) - 1
         own = keyed_trait_means(subject.answers(numbers + 1), items)
         population = keyed_trait_means(self._others(subject)[:, numbers], items).mean(0)
-        return TraitArtifact(case=subject.case, trait_means=tuple(float(m) for m in own - population))
+        return TraitArtifact(
+            case=subject.case, trait_means=tuple(float(m) for m in own - population)
+        )
 
     def answer(self, subject: Subject, artifact: TraitArtifact, items: Sequence[Item]) -> Answers:
         numbers = np.array([it.number for it in items]) - 1

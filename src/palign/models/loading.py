@@ -44,7 +44,9 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
     except AttributeError:
         value = None
     if not isinstance(value, torch.dtype):
-        raise ModelLoadError(f"model.dtype={name!r} is not a torch dtype (float32, bfloat16, float16)")
+        raise ModelLoadError(
+            f"model.dtype={name!r} is not a torch dtype (float32, bfloat16, float16)"
+        )
     return value
 
 
@@ -88,7 +90,9 @@ def converted_gguf_dir(
 
     path = embedded_gguf_path(package, gguf_file)
     stat = path.stat()
-    stamp = hashlib.sha1(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    stamp = hashlib.sha1(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[
+        :10
+    ]
     target = cache_root(cache_dir) / f"{path.stem}-{stamp}"
     if (target / "config.json").is_file():
         return target
