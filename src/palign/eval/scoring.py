@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -99,12 +99,20 @@ class SuffixBatches(L.LightningDataModule):
     """Predict batches of prompt suffixes (the tokens after the shared prefix).
 
     Rows are grouped by length to limit padding; each batch is a dict with ``input_ids`` (B, S)
-    left-padded, ``attention_mask`` (B, S) and ``index`` (B,) into the original order.
+    left-padded, ``attention_mask`` (B, S), ``index`` (B,) into the original order and
+    ``variant`` (B,): which prefix variant each row continues (all 0 unless given).
     """
 
-    def __init__(self, suffixes: Sequence[Sequence[int]], pad_id: int, batch_size: int):
+    def __init__(
+        self,
+        suffixes: Sequence[Sequence[int]],
+        pad_id: int,
+        batch_size: int,
+        variants: Sequence[int] | None = None,
+    ):
         super().__init__()
         self.suffixes = [list(s) for s in suffixes]
+        self.variants = list(variants) if variants is not None else [0] * len(self.suffixes)
         self.pad_id = pad_id
         self.batch_size = batch_size
 
@@ -122,7 +130,18 @@ class SuffixBatches(L.LightningDataModule):
             seq = self.suffixes[i]
             ids[row, width - len(seq) :] = torch.tensor(seq)
             mask[row, width - len(seq) :] = 1
-        return {"input_ids": ids, "attention_mask": mask, "index": torch.tensor(indices)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "index": torch.tensor(indices),
+            "variant": torch.tensor([self.variants[i] for i in indices]),
+        }
+
+
+#: Called before every model forward of the scorer with the stage ("prefix", "suffix" or
+#: "decode") and the (B,) variant id of each row: how interventions vary per row (e.g. alpha)
+#: and how activation recorders know which rows they see.
+ForwardListener = Callable[[str, torch.Tensor], None]
 
 
 class ItemScorer(L.LightningModule):
@@ -152,14 +171,21 @@ class ItemScorer(L.LightningModule):
         self.mode = mode
         self.max_new_tokens = max_new_tokens
         self._prefix_ids: list[int] = []
+        self._variants = 1
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.listeners: list[ForwardListener] = []
 
-    def set_prefix(self, prefix_ids: Sequence[int]) -> None:
-        """Use ``prefix_ids`` (>= 1 token) as the shared prefix; its KV cache is built on first use."""
+    def set_prefix(self, prefix_ids: Sequence[int], variants: int = 1) -> None:
+        """Use ``prefix_ids`` (>= 1 token) as the shared prefix, in ``variants`` versions.
+
+        Each variant's KV cache is built on first use, in one forward with one row per variant
+        (listeners see variant ids 0..variants-1), and reused until the prefix changes.
+        """
         if len(prefix_ids) == 0:
             raise ScoringError("the prompts share no token prefix; the scorer needs at least one")
-        if list(prefix_ids) != self._prefix_ids:
+        if list(prefix_ids) != self._prefix_ids or variants != self._variants:
             self._prefix_ids = list(prefix_ids)
+            self._variants = variants
             self._prefix_kv = None
 
     def clear_prefix_cache(self) -> None:
@@ -170,17 +196,28 @@ class ItemScorer(L.LightningModule):
     def prefix_length(self) -> int:
         return len(self._prefix_ids)
 
-    def _prefix_cache(self, batch_size: int):
+    def _notify(self, stage: str, variant: torch.Tensor) -> None:
+        for listener in self.listeners:
+            listener(stage, variant)
+
+    def _prefix_cache(self, variant: torch.Tensor):
+        """A cache holding, for each row, the prefix KV of that row's variant. ``variant``: (B,)."""
         from transformers import DynamicCache
 
         if self._prefix_kv is None:
-            ids = torch.tensor([self._prefix_ids], device=self.device)
+            ids = torch.tensor([self._prefix_ids], device=self.device).expand(self._variants, -1)
+            self._notify("prefix", torch.arange(self._variants, device=self.device))
             out = self.model(input_ids=ids, use_cache=True)
             self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        data = [
-            (k.expand(batch_size, -1, -1, -1), v.expand(batch_size, -1, -1, -1))
-            for k, v in self._prefix_kv
-        ]
+        rows = variant.shape[0]
+        if self._variants == 1:  # broadcast views; the cache's first update copies them once
+            data = [
+                (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self._prefix_kv
+            ]
+        else:
+            data = [
+                (k.index_select(0, variant), v.index_select(0, variant)) for k, v in self._prefix_kv
+            ]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
     def forward(self, input_ids, attention_mask, past_key_values, position_ids):
@@ -201,19 +238,23 @@ class ItemScorer(L.LightningModule):
         self, batch: dict[str, torch.Tensor], batch_idx: int = 0
     ) -> dict[str, torch.Tensor]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        variant = batch.get("variant")
+        if variant is None:
+            variant = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
         rows, prefix = ids.shape[0], self.prefix_length
-        cache = self._prefix_cache(rows)
+        cache = self._prefix_cache(variant)
         full_mask = torch.cat([mask.new_ones(rows, prefix), mask], dim=1)
         positions = (prefix + mask.cumsum(-1) - 1).clamp(min=prefix)
+        self._notify("suffix", variant)
         logits = self(ids, full_mask, cache, positions)
         out = {"index": batch["index"]}
         if self.letter_ids is not None:
             out["letter_logprobs"] = torch.log_softmax(logits, -1)[:, self.letter_ids]
         if self.mode == "generate":
-            out["tokens"] = self._greedy(logits, full_mask, positions[:, -1], cache)
+            out["tokens"] = self._greedy(logits, full_mask, positions[:, -1], cache, variant)
         return out
 
-    def _greedy(self, logits, mask, last_position, cache) -> torch.Tensor:
+    def _greedy(self, logits, mask, last_position, cache, variant) -> torch.Tensor:
         rows = logits.shape[0]
         eos = torch.tensor(self.eos_ids, device=logits.device)
         tokens = torch.full(
@@ -228,6 +269,7 @@ class ItemScorer(L.LightningModule):
                 break
             mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             last_position = last_position + 1
+            self._notify("decode", variant)
             logits = self(nxt[:, None], mask, cache, last_position[:, None])
         return tokens
 
@@ -274,25 +316,45 @@ class Scorer:
     def assistant_prefix(self) -> str:
         return "" if self.config.mode == "generate" else self.config.answer_prefix
 
-    def encode_prompts(self, system_prompt: str, items: Sequence[Item]) -> list[list[int]]:
+    def encode_prompts(
+        self, system_prompt: str, items: Sequence[Item], assistant_prefix: str | None = None
+    ) -> list[list[int]]:
+        """Token ids of each item's prompt (``assistant_prefix`` defaults to the mode's)."""
+        prefix = self.assistant_prefix if assistant_prefix is None else assistant_prefix
         return [
-            self.renderer.encode(
-                self.renderer.render(system_prompt, item_question(it), self.assistant_prefix)
-            )
+            self.renderer.encode(self.renderer.render(system_prompt, item_question(it), prefix))
             for it in items
         ]
 
-    def score(self, system_prompt: str, items: Sequence[Item]) -> Answers:
-        """Answer ``items`` under ``system_prompt``; one shared prefix KV cache for all of them."""
-        ids = self.encode_prompts(system_prompt, items)
-        shared = common_prefix_length(ids)
-        self.module.set_prefix(ids[0][:shared])
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        variants: Sequence[int] | None = None,
+        n_variants: int = 1,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Run token-id prompts through the predict loop; prompt ``i`` continues prefix variant
+        ``variants[i]`` of ``n_variants``. Returns the predict-step outputs, batch by batch."""
+        shared = common_prefix_length(prompts)
+        self.module.set_prefix(prompts[0][:shared], n_variants)
         data = SuffixBatches(
-            [s[shared:] for s in ids], self.loaded.tokenizer.pad_token_id, self.config.batch_size
+            [p[shared:] for p in prompts],
+            self.loaded.tokenizer.pad_token_id,
+            self.config.batch_size,
+            variants,
         )
-        outputs = self.trainer.predict(self.module, datamodule=data, return_predictions=True)
-        index = torch.cat([o["index"] for o in outputs]).cpu().numpy()
-        order = np.argsort(index)
+        return self.trainer.predict(self.module, datamodule=data, return_predictions=True)
+
+    def score(
+        self,
+        system_prompt: str,
+        items: Sequence[Item],
+        variants: Sequence[int] | None = None,
+        n_variants: int = 1,
+    ) -> Answers:
+        """Answer ``items`` under ``system_prompt`` (item ``i`` under prefix variant
+        ``variants[i]``); one shared prefix KV cache per variant for all of them."""
+        outputs = self.run(self.encode_prompts(system_prompt, items), variants, n_variants)
+        order = np.argsort(torch.cat([o["index"] for o in outputs]).cpu().numpy())
         if self.config.mode == "logit":
             logp = torch.cat([o["letter_logprobs"] for o in outputs]).cpu().double().numpy()[order]
             probs = np.exp(logp - logp.max(1, keepdims=True))
