@@ -153,3 +153,34 @@ def test_bad_input_is_one_clear_error(tmp_path, args, message):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("palign: error: ") and message in last, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("protocol", ["clean", "paper"])
+def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypatch):
+    monkeypatch.setenv("PALIGN_CACHE", str(tmp_path / "cache"))
+    cfg = cfg_factory(
+        "model=tiny_llama",
+        "method=pas",
+        f"protocol={protocol}",
+        "dataset.limit=2",
+        "method.top_k=4",
+        "method.alphas=[0,4]",
+        "method.folds=2",
+        "scoring.max_new_tokens=3",
+    )
+    summary = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    rows, _ = _read(out)
+    selection = {"clean": "alignment_items", "paper": "test_items"}[protocol]
+    for row in rows:
+        assert row["align_info"]["alpha_selected_on"] == selection
+        assert row["align_info"]["alpha"] in (0.0, 4.0)
+        assert {"probes_s", "alpha_search_s", "activations_s_amortised"} <= set(row["timing"])
+        profile = out / "artifacts" / str(row["case"]) / "profile.json"
+        sidecar = json.loads(profile.read_text())
+        assert sidecar["alpha"] == row["align_info"]["alpha"] and len(sidecar["heads"]) == 4
+        assert sidecar["ranking"] == {"clean": "val", "paper": "mean_train_val"}[protocol]
+    report = (out / "report.md").read_text()
+    assert "| pas | 2 |" in report
+    assert ("ON THE TEST ITEMS" in report) == (protocol == "paper")
+    assert summary["timing"]["probes_s_per_subject"] > 0

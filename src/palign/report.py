@@ -21,8 +21,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
     }
     if rows and "timing" in rows[0]:
         out["timing"] = {
-            "align_s_per_subject": float(np.mean([r["timing"]["align_s"] for r in rows])),
-            "eval_s_per_subject": float(np.mean([r["timing"]["eval_s"] for r in rows])),
+            f"{key}_per_subject": float(np.mean([r["timing"][key] for r in rows]))
+            for key in rows[0]["timing"]
         }
     return out
 
@@ -62,6 +62,8 @@ def report_markdown(summary: dict) -> str:
         if name != summary["method"]:
             lines.append(_row(f"{name} (no LLM)", entry))
     text = head + "\n".join(lines) + "\n"
+    if summary.get("notes"):
+        text += "\n" + "\n".join(f"- {note}" for note in summary["notes"]) + "\n"
     population = summary.get("baselines_all_subjects")
     if population and next(iter(population.values()))["n_subjects"] != summary["n_subjects"]:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -42,11 +42,17 @@ def evaluate_subject(
     answers = method.answer(subject, artifact, inventory.test_items)
     done = time.perf_counter()
     metrics = subject_metrics(answers.scores, subject.answers(inventory.test), inventory.test_items)
+    info = {k: v for k, v in artifact.meta.items() if k != "timing"}
     row = {
         "case": subject.case,
         "method": method.name,
         **metrics.to_dict(),
-        "timing": {"align_s": aligned - start, "eval_s": done - aligned},
+        "timing": {
+            "align_s": aligned - start,
+            "eval_s": done - aligned,
+            **artifact.meta.get("timing", {}),
+        },
+        **({"align_info": info} if info else {}),
     }
     return row, artifact
 
@@ -148,6 +154,7 @@ def run(cfg: DictConfig) -> dict:
             "cases": [s.case for s in subjects],
             "baselines": baseline_results(data, subjects),
             "baselines_all_subjects": baseline_results(data, data.subjects),
+            "notes": method.notes(rows),
             "versions": {"palign": __version__},
         }
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -81,6 +81,10 @@ class Method(ABC):
     def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
         """Fit to ``subject``'s answers on ``items`` (the alignment items only)."""
 
+    def notes(self, rows: Sequence[dict]) -> list[str]:
+        """Lines the report prints under the table (e.g. how hyper-parameters were chosen)."""
+        return []
+
     @abstractmethod
     def answer(self, subject: Subject, artifact: Artifact, items: Sequence[Item]) -> Answers:
         """Answer ``items`` as ``subject`` would, using only ``artifact`` from ``subject``."""

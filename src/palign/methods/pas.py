@@ -230,6 +230,24 @@ class PAS(Method):
         finite = [s if np.isfinite(s) else np.inf for s in scores]
         return self.alphas[int(np.argmin(finite))], scores
 
+    def notes(self, rows: Sequence[dict]) -> list[str]:
+        alphas = [r["align_info"]["alpha"] for r in rows if "align_info" in r]
+        counts = {a: alphas.count(a) for a in sorted(set(alphas))}
+        chosen = ", ".join(f"{a:g}: {n}" for a, n in counts.items())
+        where = (
+            f"by {self.folds}-fold cross-validation on each subject's own 120 alignment items "
+            "(test items never read)"
+            if self.selection == "alignment_items"
+            else "ON THE TEST ITEMS (protocol=paper, as the reference code; optimistic)"
+        )
+        return [
+            f"PAS: top {self.top_k} heads by {self.ranking} accuracy, {self.direction} "
+            f"directions, {'per-trait' if self.per_trait else 'pooled'} intervention, "
+            f"{'with' if self.with_context else 'without'} the few-shot context.",
+            f"PAS alpha chosen from {self.alphas} {where}; chosen alpha (subjects): {chosen}.",
+            f"Head activations computed once in {self.activation_s:.1f} s (0 when cached).",
+        ]
+
     # --- the Method interface ----------------------------------------------------------------
 
     def align(self, subject: Subject, items: Sequence[Item]) -> PASArtifact:
