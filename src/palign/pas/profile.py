@@ -44,13 +44,16 @@ class PASProfile:
         return bool((self.trait != POOLED).any())
 
     def check_fits(self, layout: HeadLayout, model_name: str | None = None) -> None:
+        """Refuse a model other than the profile's (by name, then by head shape)."""
+        if model_name is not None and model_name != self.model:
+            raise PASError(
+                f"profile was made for model {self.model!r}, not {model_name!r} (pass model={self.model})"
+            )
         if tuple(self.shape) != layout.shape:
             raise PASError(
                 f"profile for {self.model} has heads {tuple(self.shape)} (layers, heads, head_dim); "
                 f"this model has {layout.shape}"
             )
-        if model_name is not None and model_name != self.model:
-            raise PASError(f"profile was made for model {self.model!r}, not {model_name!r}")
 
     def shifts(self, alphas: Sequence[float]) -> torch.Tensor:
         """(variants, layers, heads * head_dim) shifts. Pooled profile: one variant per alpha;
