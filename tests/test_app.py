@@ -77,6 +77,7 @@ def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
         "protocol=paper",
         "dataset.limit=1",
         "scoring.max_new_tokens=3",
+        "compare=[no_change]",
     )
     summary = run(cfg)
     rows, _ = _read(Path(cfg.paths.output_dir))
@@ -167,6 +168,7 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
         "method.alphas=[0,4]",
         "method.folds=2",
         "scoring.max_new_tokens=3",
+        "compare=[no_change]",
     )
     summary = run(cfg)
     out = Path(cfg.paths.output_dir)
@@ -181,6 +183,8 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
         assert sidecar["alpha"] == row["align_info"]["alpha"] and len(sidecar["heads"]) == 4
         assert sidecar["ranking"] == {"clean": "val", "paper": "mean_train_val"}[protocol]
     report = (out / "report.md").read_text()
-    assert "| pas | 2 |" in report
+    assert "| pas | 2 |" in report and "| no_change | 2 |" in report
+    assert summary["compare"]["no_change"]["n_subjects"] == 2
+    assert len((out / "compare" / "no_change.jsonl").read_text().splitlines()) == 2
     assert ("ON THE TEST ITEMS" in report) == (protocol == "paper")
     assert summary["timing"]["probes_s_per_subject"] > 0

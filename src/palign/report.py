@@ -58,6 +58,8 @@ def report_markdown(summary: dict) -> str:
     cols = ["method", "subjects", *TRAITS, "Score", "UNK", "align s/subj", "eval s/subj"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines.append(_row(summary["method"], summary))
+    for name, entry in summary.get("compare", {}).items():
+        lines.append(_row(name, entry))
     for name, entry in summary["baselines"].items():
         if name != summary["method"]:
             lines.append(_row(f"{name} (no LLM)", entry))

@@ -30,6 +30,7 @@ from palign.methods.statistical import BASELINES
 from palign.report import aggregate, report_markdown
 
 log = logging.getLogger("palign")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def evaluate_subject(
@@ -68,6 +69,37 @@ def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, d
         entry.pop("timing", None)
         out[baseline.name] = entry
     return out
+
+
+def evaluate_all(
+    method: Method,
+    subjects: Sequence[Subject],
+    inventory: Inventory,
+    results_path: Path,
+    artifacts: Path | None = None,
+    logger=None,
+) -> list[dict]:
+    """Evaluate ``method`` on every subject with a progress bar; each subject's row is appended
+    to ``results_path`` (JSON lines) as soon as it is done, so a crash loses no finished subject."""
+    rows = []
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_path, "a", encoding="utf-8") as results:
+        for step, subject in enumerate(
+            tqdm(subjects, desc=f"{method.name} subjects", unit="subject")
+        ):
+            row, artifact = evaluate_subject(method, subject, inventory)
+            results.write(json.dumps(row) + "\n")
+            results.flush()
+            if artifacts is not None:
+                artifact.save(artifacts / str(subject.case))
+            if logger is not None:
+                flat = {f"mae/{t}": row["mae"][t] for t in TRAITS}
+                logger.log_metrics(
+                    {**flat, "score": row["score"], "unk_rate": row["unk_rate"]}, step=step
+                )
+            rows.append(row)
+            log.info("%s %s", method.name, _log_line(row))
+    return rows
 
 
 def _log_line(row: dict) -> str:
@@ -124,23 +156,27 @@ def run(cfg: DictConfig) -> dict:
     try:
         if logger is not None:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        rows = []
-        with open(out_dir / "results.jsonl", "a", encoding="utf-8") as results:
-            for step, subject in enumerate(
-                tqdm(subjects, desc=f"{method.name} subjects", unit="subject")
-            ):
-                row, artifact = evaluate_subject(method, subject, data.inventory)
-                results.write(json.dumps(row) + "\n")
-                results.flush()
-                if cfg.save_artifacts:
-                    artifact.save(out_dir / "artifacts" / str(subject.case))
-                if logger is not None:
-                    flat = {f"mae/{t}": row["mae"][t] for t in TRAITS}
-                    logger.log_metrics(
-                        {**flat, "score": row["score"], "unk_rate": row["unk_rate"]}, step=step
-                    )
-                rows.append(row)
-                log.info(_log_line(row))
+        rows = evaluate_all(
+            method,
+            subjects,
+            data.inventory,
+            out_dir / "results.jsonl",
+            artifacts=out_dir / "artifacts" if cfg.save_artifacts else None,
+            logger=logger,
+        )
+        compare = {}
+        for name in cfg.get("compare") or []:
+            other = build(
+                OmegaConf.merge(
+                    cfg, {"method": OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml")}
+                ).method
+            )
+            other.setup(MethodContext(data=data, scorer=scorer))
+            compare[other.name] = aggregate(
+                evaluate_all(
+                    other, subjects, data.inventory, out_dir / "compare" / f"{other.name}.jsonl"
+                )
+            )
         summary = {
             "method": method.name,
             "model": model_name,
@@ -152,6 +188,7 @@ def run(cfg: DictConfig) -> dict:
             "n_test_items": len(data.inventory.test),
             **aggregate(rows),
             "cases": [s.case for s in subjects],
+            "compare": compare,
             "baselines": baseline_results(data, subjects),
             "baselines_all_subjects": baseline_results(data, data.subjects),
             "notes": method.notes(rows),

@@ -55,17 +55,19 @@ def fit_probes(
     train: torch.Tensor,
     val: torch.Tensor,
     c: float = 1.0,
-    max_iter: int = 50,
-    tol: float = 1e-6,
+    max_iter: int = 25,
+    tol: float = 1e-4,
     budget_bytes: float = 1e9,
+    dtype: torch.dtype = torch.float32,
 ) -> ProbeFit:
     """Fit one logistic probe per (subject, head) on the subject's ``train`` rows.
 
     ``x``: (rows, heads, dim) float; ``y``: (subjects, rows) in {0, 1}; ``train``/``val``:
-    (subjects, rows) bool. Subjects are processed in chunks that fit ``budget_bytes``.
+    (subjects, rows) bool. Subjects are processed in chunks that fit ``budget_bytes``. The
+    Hessian is positive definite (L2 term), so each step is a batched Cholesky solve.
     """
     rows, n_heads, dim = x.shape
-    xa = torch.cat([x, x.new_ones(rows, n_heads, 1)], -1).transpose(0, 1).double()  # (H, N, D+1)
+    xa = torch.cat([x, x.new_ones(rows, n_heads, 1)], -1).transpose(0, 1).to(dtype)  # (H, N, D+1)
     reg = torch.ones(dim + 1, dtype=xa.dtype, device=x.device)
     reg[-1] = 0.0  # the intercept is not penalised
     weights, biases, train_accs, val_accs = [], [], [], []
@@ -83,7 +85,7 @@ def fit_probes(
             curv = c * mc[:, None] * p * (1 - p)  # (S, H, N)
             hess = torch.matmul((xa[None] * curv[..., None]).transpose(-1, -2), xa[None])
             hess = hess + torch.diag_embed(reg).expand_as(hess)
-            delta = torch.linalg.solve(hess, grad[..., None])[..., 0]
+            delta = torch.cholesky_solve(grad[..., None], torch.linalg.cholesky(hess))[..., 0]
             theta = theta - delta
             if delta.abs().max() < tol:
                 break
