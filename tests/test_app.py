@@ -146,6 +146,11 @@ def test_cli_statistical_method(tmp_path):
             "scoring.mode='sample' is not one of",
         ),
         (["dataset.cases=[1,2]"], "dataset.cases: unknown case id(s) [1, 2]"),
+        (["method=trait_mean", "compare=[nope]"], "compare: unknown method 'nope'"),
+        (
+            ["model=tiny_llama", "method=pas", "method.top_k=500", "dataset.limit=1"],
+            "method.top_k=500 exceeds the 8 candidate heads",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, args, message):

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from palign import __version__
@@ -31,6 +31,10 @@ from palign.report import aggregate, report_markdown
 
 log = logging.getLogger("palign")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown config value; the message names the key."""
 
 
 def evaluate_subject(
@@ -123,6 +127,17 @@ def build(node: DictConfig):
         raise
 
 
+def _method_config(cfg: DictConfig, name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` resolved against ``cfg`` (as if run with ``method=<name>``)."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"compare: unknown method {name!r} (no {path})")
+    other = cfg.copy()
+    with open_dict(other):
+        other.method = OmegaConf.load(path)
+    return other.method
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one configured evaluation; returns the summary (also written to ``summary.json``)."""
     out_dir = Path(cfg.paths.output_dir)
@@ -142,6 +157,7 @@ def run(cfg: DictConfig) -> dict:
         seed=ds.seed,
     )
     method: Method = build(cfg.method)
+    compare_nodes = [_method_config(cfg, name) for name in cfg.get("compare") or []]
     scorer = None
     model_name = "none (no LLM)"
     if method.uses_llm:
@@ -165,12 +181,8 @@ def run(cfg: DictConfig) -> dict:
             logger=logger,
         )
         compare = {}
-        for name in cfg.get("compare") or []:
-            other = build(
-                OmegaConf.merge(
-                    cfg, {"method": OmegaConf.load(CONF_DIR / "method" / f"{name}.yaml")}
-                ).method
-            )
+        for node in compare_nodes:
+            other = build(node)
             other.setup(MethodContext(data=data, scorer=scorer))
             compare[other.name] = aggregate(
                 evaluate_all(
