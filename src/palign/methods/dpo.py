@@ -1,0 +1,269 @@
+"""DPO on a LoRA adapter per subject (sigmoid loss, reference = adapter disabled).
+
+Pairs from the subject's alignment items: prompt = the item prompt (assistant turn opened),
+chosen = the subject's answer as the model should write it ("Option (B). Moderately Accurate"),
+rejected = the opposite extreme (6 - v) or, with ``rejected=all_others``, every other option.
+Neutral (3) and missing answers are skipped unless ``keep_neutral``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from palign.data.papi import Item, Subject
+from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
+
+REJECTED = ("opposite", "all_others")
+
+
+def preference_pairs(
+    items: Sequence[Item],
+    answers: Sequence[int],
+    rejected: str = "opposite",
+    keep_neutral: bool = False,
+) -> list[tuple[Item, int, int]]:
+    """(item, chosen answer, rejected answer) triples from raw answers (0 = missing)."""
+    if rejected not in REJECTED:
+        raise ValueError(f"method.rejected={rejected!r} is not one of {REJECTED}")
+    pairs = []
+    for item, a in zip(items, answers, strict=True):
+        a = int(a)
+        if a == 0 or (a == 3 and not keep_neutral):
+            continue
+        others = (
+            [6 - a] if rejected == "opposite" and a != 3 else [b for b in range(1, 6) if b != a]
+        )
+        if rejected == "opposite" and a == 3:
+            others = [1, 5]
+        pairs += [(item, a, b) for b in others]
+    return pairs
+
+
+def sequence_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Sum of log-probabilities of the completion tokens, (B,).
+
+    Rows are left-padded, so completions end in the last column: only the logits of the last
+    ``max completion length + 1`` positions are computed (the vocabulary projection of the
+    prompt positions would dominate the cost)."""
+    keep = int(completion_mask.sum(-1).max().item()) + 1
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = (
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=keep,
+        )
+        .logits[:, :-1]
+        .float()
+    )
+    targets = input_ids[:, -(keep - 1) :]
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    return (logp * completion_mask[:, -(keep - 1) :]).sum(-1)
+
+
+def dpo_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO: mean of -log sigmoid(beta * (policy log-ratio - reference log-ratio)).
+
+    Returns the loss and the implicit rewards ``beta * (logp - ref_logp)`` of chosen and rejected.
+    """
+    chosen_reward = beta * (chosen - ref_chosen)
+    rejected_reward = beta * (rejected - ref_rejected)
+    return -F.logsigmoid(chosen_reward - rejected_reward).mean(), chosen_reward, rejected_reward
+
+
+class PairBatches:
+    """Tokenised pairs, collated as [chosen rows; rejected rows], left-padded."""
+
+    def __init__(self, rows: list[tuple[list[int], list[int], list[int]]], pad_id: int):
+        self.rows = rows  # (prompt ids, chosen completion ids, rejected completion ids)
+        self.pad_id = pad_id
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        seqs, comp = [], []
+        for side in (1, 2):
+            for i in indices:
+                prompt, completion = self.rows[i][0], self.rows[i][side]
+                seqs.append(prompt + completion)
+                comp.append([0] * len(prompt) + [1] * len(completion))
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        cmask = torch.zeros((len(seqs), width))
+        for r, (s, c) in enumerate(zip(seqs, comp)):
+            ids[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
+            cmask[r, width - len(c) :] = torch.tensor(c, dtype=torch.float)
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "completion_mask": cmask,
+            "index": torch.tensor(indices),
+        }
+
+
+class DPOModule(L.LightningModule):
+    """One subject's DPO training of the adapter of ``method.peft_model``.
+
+    Reference log-probabilities are computed once per pair (adapter disabled) before training.
+    Logs loss, reward accuracy and the chosen-rejected margin.
+    """
+
+    def __init__(self, method: DPO, ref_logps: torch.Tensor):
+        super().__init__()
+        self.method = method
+        self.model = method.peft_model
+        self.register_buffer("ref_logps", ref_logps)  # (pairs, 2): chosen, rejected
+        self.history: list[dict[str, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        logps = sequence_logps(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
+        chosen, rejected = logps.chunk(2)
+        ref = self.ref_logps[batch["index"]]
+        loss, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], self.method.beta)
+        stats = {
+            "loss": loss.item(),
+            "margin": (cr - rr).mean().item(),
+            "reward_acc": (cr > rr).float().mean().item(),
+        }
+        self.history.append(stats)
+        self.log_dict({f"dpo/{k}": v for k, v in stats.items()}, prog_bar=False)
+        return loss
+
+    def configure_optimizers(self):
+        m = self.method
+        opt = torch.optim.AdamW(m.lora_parameters(), lr=m.lr, weight_decay=m.weight_decay)
+        warmup = max(1, min(m.warmup_steps, m.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class DPO(LoraMethod):
+    """See the module docstring; defaults from the paper (``conf/method/dpo.yaml``)."""
+
+    name = "dpo"
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        lr: float = 5e-4,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.05,
+        batch_size: int = 16,
+        micro_batch_size: int = 4,
+        steps: int = 250,
+        rejected: str = "opposite",
+        keep_neutral: bool = False,
+        trainer: dict | None = None,
+        **lora,
+    ):
+        super().__init__(**lora)
+        if rejected not in REJECTED:
+            raise ValueError(f"method.rejected={rejected!r} is not one of {REJECTED}")
+        if batch_size % micro_batch_size:
+            raise ValueError(
+                f"method.batch_size={batch_size} is not a multiple of method.micro_batch_size={micro_batch_size}"
+            )
+        self.beta, self.lr, self.warmup_steps, self.weight_decay = (
+            beta,
+            lr,
+            warmup_steps,
+            weight_decay,
+        )
+        self.batch_size, self.micro_batch_size, self.steps = batch_size, micro_batch_size, steps
+        self.rejected, self.keep_neutral = rejected, keep_neutral
+        self.trainer_kwargs = dict(trainer or {"accelerator": "cpu", "devices": 1})
+
+    def _batches(self, subject: Subject, items: Sequence[Item]) -> PairBatches:
+        pairs = preference_pairs(
+            items, subject.answers([it.number for it in items]), self.rejected, self.keep_neutral
+        )
+        eos = [self.tokenizer.eos_token_id]
+        encode = lambda a: (
+            self.tokenizer(answer_completion(a, self.answer_prefix), add_special_tokens=False)[
+                "input_ids"
+            ]
+            + eos
+        )  # noqa: E731
+        return PairBatches(
+            [(self.prompt_ids(it), encode(c), encode(r)) for it, c, r in pairs],
+            self.tokenizer.pad_token_id,
+        )
+
+    @torch.no_grad()
+    def reference_logps(self, data: PairBatches) -> torch.Tensor:
+        """(pairs, 2) log-probabilities of chosen and rejected under the reference policy."""
+        out = torch.zeros(len(data.rows), 2)
+        device = next(self.peft_model.parameters()).device
+        with self.reference():
+            for start in range(0, len(data.rows), self.micro_batch_size):
+                idx = list(range(start, min(start + self.micro_batch_size, len(data.rows))))
+                b = {k: v.to(device) for k, v in data.collate(idx).items()}
+                logps = sequence_logps(
+                    self.peft_model, b["input_ids"], b["attention_mask"], b["completion_mask"]
+                )
+                out[idx] = torch.stack(logps.chunk(2), -1).cpu()
+        return out
+
+    def align(self, subject: Subject, items: Sequence[Item]) -> AdapterArtifact:
+        self.reset_adapter(subject.case)
+        data = self._batches(subject, items)
+        if not data.rows:
+            raise ValueError(
+                f"case {subject.case}: no preference pair (all answers neutral or missing)"
+            )
+        start = time.perf_counter()
+        module = DPOModule(self, self.reference_logps(data))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + subject.case)
+        loader = DataLoader(
+            list(range(len(data.rows))),
+            batch_size=self.micro_batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=data.collate,
+        )
+        accumulate = self.batch_size // self.micro_batch_size
+        trainer = L.Trainer(
+            **self.trainer_kwargs,
+            max_steps=self.steps,
+            max_epochs=math.ceil(self.steps * accumulate / max(len(loader), 1)) + 1,
+            accumulate_grad_batches=accumulate,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        self.peft_model.train()
+        trainer.fit(module, loader)
+        self.peft_model.eval()
+        first, last = module.history[0], module.history[-1]
+        return AdapterArtifact(
+            case=subject.case,
+            state=self.adapter_state(),
+            meta={
+                "pairs": len(data.rows),
+                "steps": self.steps,
+                "loss_first": first["loss"],
+                "loss_last": last["loss"],
+                "margin_first": first["margin"],
+                "margin_last": last["margin"],
+                "timing": {"train_s": time.perf_counter() - start},
+            },
+        )

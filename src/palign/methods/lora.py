@@ -1,0 +1,121 @@
+"""Methods that train a LoRA adapter per subject (DPO, PPO): shared adapter handling.
+
+The model is wrapped once with a LoRA adapter (peft); every subject starts from a freshly
+initialised adapter (B = 0, so the model equals the base model), trains it, and is evaluated
+with it active through the run's scorer. The reference policy is the same weights with the
+adapter disabled: one copy of the model in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from palign.constants import ANSWER_LABELS, OPTION_LETTERS
+from palign.data.papi import Item, Subject
+from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, item_question
+from palign.methods.base import Answers, Artifact, Method, MethodContext
+
+
+def answer_completion(answer: int, answer_prefix: str) -> str:
+    """The assistant's answer text for a raw answer 1..5, e.g. 'Option (B). Moderately Accurate'."""
+    return f"{answer_prefix}{OPTION_LETTERS[5 - answer]}). {ANSWER_LABELS[answer]}"
+
+
+@dataclass
+class AdapterArtifact(Artifact):
+    """The trained LoRA weights of one subject (saved as ``adapter.safetensors``)."""
+
+    state: dict[str, torch.Tensor] | None = None
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        super().save(directory)
+        save_file(
+            {k: v.contiguous() for k, v in self.state.items()},
+            str(directory / "adapter.safetensors"),
+        )
+
+
+class LoraMethod(Method):
+    """Base of adapter-training methods: wraps the model once, resets the adapter per subject."""
+
+    uses_llm = True
+
+    def __init__(
+        self,
+        lora_r: int = 16,
+        lora_alpha: int = 100,
+        lora_dropout: float = 0.05,
+        target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        seed: int = 0,
+    ):
+        self.lora = dict(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(target_modules),
+        )
+        self.seed = seed
+
+    def setup(self, context: MethodContext) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        super().setup(context)
+        loaded = context.scorer.loaded
+        self.tokenizer = loaded.tokenizer
+        self.renderer = context.scorer.renderer
+        self.answer_prefix = context.scorer.config.answer_prefix
+        self.peft_model = get_peft_model(
+            loaded.model, LoraConfig(task_type="CAUSAL_LM", **self.lora)
+        )
+        self.peft_model.eval()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+
+    def reset_adapter(self, case: int) -> None:
+        """Fresh LoRA weights for a subject (seeded by run seed and case; B = 0)."""
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed((self.seed * 1_000_003 + case) % (2**31))
+        for module in self.peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters("default", init_lora_weights=True)
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+
+    @contextmanager
+    def reference(self):
+        """The reference policy: the base model (adapter disabled)."""
+        with self.peft_model.disable_adapter():
+            yield
+
+    def prompt_ids(self, item: Item) -> list[int]:
+        """The item prompt with the assistant turn opened (no prefill)."""
+        return self.renderer.encode(
+            self.renderer.render(NEUTRAL_SYSTEM_PROMPT, item_question(item))
+        )
+
+    def answer(self, subject: Subject, artifact: AdapterArtifact, items: Sequence[Item]) -> Answers:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft_model, artifact.state)
+        self.peft_model.eval()
+        scorer = self.context.scorer
+        scorer.module.clear_prefix_cache()  # the weights changed
+        try:
+            return scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
+        finally:
+            self.reset_adapter(subject.case)  # B = 0: the shared model is the base model again
+            scorer.module.clear_prefix_cache()
