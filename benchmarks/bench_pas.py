@@ -35,10 +35,16 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # as hardware=cpu
     data = load_papi()
     loaded = load_gguf_package("smollm2_135m")
-    scorer = Scorer(loaded, make_trainer(accelerator="cpu", devices=1), ScoringConfig(batch_size=args.batch_size))
+    scorer = Scorer(
+        loaded,
+        make_trainer(accelerator="cpu", devices=1),
+        ScoringConfig(batch_size=args.batch_size),
+    )
     method = PAS(folds=args.folds)
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["PALIGN_CACHE"] = cache  # fresh activation cache (the model itself is loaded above)
+        os.environ["PALIGN_CACHE"] = (
+            cache  # fresh activation cache (the model itself is loaded above)
+        )
         method.setup(MethodContext(data, scorer))
     rows = []
     for subject in data.subjects[: args.subjects]:
@@ -46,17 +52,30 @@ def main() -> None:
         artifact = method.align(subject, data.inventory.train_items)
         mid = time.perf_counter()
         method.answer(subject, artifact, data.inventory.test_items)
-        rows.append((artifact.meta["timing"]["probes_s"], artifact.meta["timing"]["alpha_search_s"], time.perf_counter() - mid, mid - start))
+        rows.append(
+            (
+                artifact.meta["timing"]["probes_s"],
+                artifact.meta["timing"]["alpha_search_s"],
+                time.perf_counter() - mid,
+                mid - start,
+            )
+        )
     probes, search, evaluation, align = np.mean(rows, axis=0)
-    print(f"machine: {platform.machine()} x{os.cpu_count()} CPU, torch {torch.__version__}, smollm2_135m, "
-          f"{args.subjects} subjects, {args.folds} folds, alphas {method.alphas}")
+    print(
+        f"machine: {platform.machine()} x{os.cpu_count()} CPU, torch {torch.__version__}, smollm2_135m, "
+        f"{args.subjects} subjects, {args.folds} folds, alphas {method.alphas}"
+    )
     print("| part | seconds |")
     print("|---|---|")
     print(f"| activations (once per model; 240 prompts) | {method.activation_s:.1f} |")
     print(f"| probes per subject ({args.folds + 1} fits of 270 heads) | {probes:.2f} |")
-    print(f"| alpha search per subject ({len(method.alphas)} alphas x 120 held-out items) | {search:.1f} |")
+    print(
+        f"| alpha search per subject ({len(method.alphas)} alphas x 120 held-out items) | {search:.1f} |"
+    )
     print(f"| evaluation per subject (180 test items) | {evaluation:.1f} |")
-    print(f"| total per subject, activations amortised over 300 subjects | {align + evaluation + method.activation_s / 300:.1f} |")
+    print(
+        f"| total per subject, activations amortised over 300 subjects | {align + evaluation + method.activation_s / 300:.1f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -196,12 +196,11 @@ class DPO(LoraMethod):
             items, subject.answers([it.number for it in items]), self.rejected, self.keep_neutral
         )
         eos = [self.tokenizer.eos_token_id]
-        encode = lambda a: (
-            self.tokenizer(answer_completion(a, self.answer_prefix), add_special_tokens=False)[
-                "input_ids"
-            ]
-            + eos
-        )  # noqa: E731
+
+        def encode(answer: int) -> list[int]:
+            text = answer_completion(answer, self.answer_prefix)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+
         return PairBatches(
             [(self.prompt_ids(it), encode(c), encode(r)) for it, c, r in pairs],
             self.tokenizer.pad_token_id,

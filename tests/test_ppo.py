@@ -1,0 +1,104 @@
+"""PPO: hand-computed pieces, reward rising on a toy subject, end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_LLAMA
+from palign.data.papi import Subject
+from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
+from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
+from palign.methods.base import MethodContext
+from palign.methods.ppo import PPO, answer_reward, clipped_surrogate, gae, token_rewards
+from palign.models import load_random
+from palign.run import run
+
+
+def test_answer_reward_including_unparsed():
+    texts = ["Option (A). Very", "Option (D)", "Option (", "(b) moderately"]
+    assert answer_reward(texts, [5, 4, 3, 2]).tolist() == [0.0, -2.0, -6.0, -2.0]
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_penalise_kl():
+    score = torch.tensor([1.0, -2.0])
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = token_rewards(score, logp, ref, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.05, 0.0, 0.1 + 1.0], [-0.1, 0.0 - 2.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+    assert torch.allclose(kl, torch.tensor([0.5 + 0.0 - 1.0, 1.0]))
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4]])
+    mask = torch.ones(1, 3)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    d2 = 1.0 - 0.4
+    d1 = 0.0 + 0.4 - 0.2
+    d0 = 0.0 + 0.2 - 0.5
+    a2, a1 = d2, d1 + 0.5 * d2
+    a0 = d0 + 0.5 * a1
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2]]))
+    assert torch.allclose(ret, adv + values)
+    masked, _ = gae(rewards, values, torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)
+    assert masked[0, 2] == 0 and torch.isclose(masked[0, 1], torch.tensor(0.0 - 0.2))
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.ones(1, 3)
+    # token 0: min(1.5, 1.2) * 1 = 1.2; token 1: min(0.5 * -1, 0.8 * -1) = -0.8; token 2: 1.1 * 2
+    expected = -(1.2 - 0.8 + 2.2) / 3
+    assert clipped_surrogate(new, old, adv, mask, clip=0.2).item() == pytest.approx(expected)
+
+
+def test_reward_rises_for_a_subject_who_answers_a_to_everything(papi, trainer):
+    """A tiny model whose output layer favours the five option letters learns to prefer "A" for a
+    subject who answers 5 to every item (measured by the logit scorer, before vs after)."""
+    loaded = load_random("tiny_ppo", {**TINY_LLAMA, "tie_word_embeddings": False}, seed=0)
+    scorer = Scorer(loaded, trainer, ScoringConfig(batch_size=16))
+    items = papi.inventory.train_items
+    letters = letter_token_ids(scorer.renderer, "Option (")
+    with torch.no_grad():
+        ids = torch.tensor([scorer.encode_prompts(NEUTRAL_SYSTEM_PROMPT, items[:8])[0]])
+        hidden = loaded.model.model(input_ids=ids).last_hidden_state[0, -1]
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(5, hidden.shape[0], generator=gen) * 0.5 / hidden.norm()
+        loaded.model.lm_head.weight[letters] = 22.0 * hidden / hidden.norm() ** 2 + noise
+    before = scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:16]).probs[:, 0].mean()
+    subject = Subject(case=1, index=0, raw=np.full(300, 5))
+    method = PPO(steps=16, batch_size=16, max_new_tokens=1, lr=5e-3, ppo_epochs=4, kl_coef=0.0)
+    method.setup(MethodContext(papi, scorer))
+    artifact = method.align(subject, items)
+    assert artifact.meta["reward_last"] > artifact.meta["reward_first"] + 0.5, artifact.meta
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(method.peft_model, artifact.state)
+    scorer.module.clear_prefix_cache()
+    after = scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:16]).probs[:, 0].mean()
+    assert after > before + 0.3, (before, after)
+
+
+def test_ppo_end_to_end(cfg_factory):
+    cfg = cfg_factory(
+        "model=tiny_llama",
+        "method=ppo_cpu",
+        "method.steps=2",
+        "method.batch_size=4",
+        "dataset.limit=1",
+    )
+    summary = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    row = json.loads((out / "results.jsonl").read_text())
+    assert (
+        row["method"] == "ppo" and row["align_info"]["steps"] == 2 and row["timing"]["train_s"] > 0
+    )
+    assert (out / "artifacts" / str(row["case"]) / "adapter.safetensors").is_file()
+    assert summary["n_subjects"] == 1
