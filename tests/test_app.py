@@ -148,6 +148,10 @@ def test_cli_statistical_method(tmp_path):
         (["dataset.cases=[1,2]"], "dataset.cases: unknown case id(s) [1, 2]"),
         (["method=trait_mean", "compare=[nope]"], "compare: unknown method 'nope'"),
         (
+            ["model=tiny_llama", "method=dpo_cpu", "method.batch_size=6", "dataset.limit=1"],
+            "method.batch_size=6 is not a multiple of method.micro_batch_size=4",
+        ),
+        (
             ["model=tiny_llama", "method=pas", "method.top_k=500", "dataset.limit=1"],
             "method.top_k=500 exceeds the 8 candidate heads",
         ),

@@ -10,9 +10,9 @@ from omegaconf import DictConfig
 
 from palign.data.papi import PapiDataError
 from palign.eval.scoring import ScoringError
+from palign.methods.base import ConfigError
 from palign.models.loading import ModelLoadError
 from palign.pas.heads import PASError
-from palign.run import ConfigError
 
 log = logging.getLogger("palign")
 

@@ -25,16 +25,12 @@ from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject, load_papi, select_subjects
 from palign.eval.metrics import subject_metrics
 from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
-from palign.methods.base import Artifact, Method, MethodContext
+from palign.methods.base import Artifact, ConfigError, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.report import aggregate, report_markdown
 
 log = logging.getLogger("palign")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-class ConfigError(ValueError):
-    """An impossible or unknown config value; the message names the key."""
 
 
 def evaluate_subject(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
+from palign.methods.base import ConfigError
 from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
 
 REJECTED = ("opposite", "all_others")
@@ -31,7 +32,7 @@ def preference_pairs(
 ) -> list[tuple[Item, int, int]]:
     """(item, chosen answer, rejected answer) triples from raw answers (0 = missing)."""
     if rejected not in REJECTED:
-        raise ValueError(f"method.rejected={rejected!r} is not one of {REJECTED}")
+        raise ConfigError(f"method.rejected={rejected!r} is not one of {REJECTED}")
     pairs = []
     for item, a in zip(items, answers, strict=True):
         a = int(a)
@@ -176,9 +177,9 @@ class DPO(LoraMethod):
     ):
         super().__init__(**lora)
         if rejected not in REJECTED:
-            raise ValueError(f"method.rejected={rejected!r} is not one of {REJECTED}")
+            raise ConfigError(f"method.rejected={rejected!r} is not one of {REJECTED}")
         if batch_size % micro_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"method.batch_size={batch_size} is not a multiple of method.micro_batch_size={micro_batch_size}"
             )
         self.beta, self.lr, self.warmup_steps, self.weight_decay = (
@@ -225,8 +226,9 @@ class DPO(LoraMethod):
         self.reset_adapter(subject.case)
         data = self._batches(subject, items)
         if not data.rows:
-            raise ValueError(
-                f"case {subject.case}: no preference pair (all answers neutral or missing)"
+            raise ConfigError(
+                f"case {subject.case}: no preference pair (all answers neutral or missing); "
+                "method.keep_neutral=true uses neutral answers too"
             )
         start = time.perf_counter()
         module = DPOModule(self, self.reference_logps(data))
