@@ -93,6 +93,7 @@ def test_ppo_end_to_end(cfg_factory):
         "method.steps=2",
         "method.batch_size=4",
         "dataset.limit=1",
+        "compare=[dpo_cpu,no_change]",
     )
     summary = run(cfg)
     out = Path(cfg.paths.output_dir)
@@ -102,3 +103,11 @@ def test_ppo_end_to_end(cfg_factory):
     )
     assert (out / "artifacts" / str(row["case"]) / "adapter.safetensors").is_file()
     assert summary["n_subjects"] == 1
+    # Adapter methods side by side: each removes its LoRA layers when done (dpo_cpu from its
+    # own config file plus the dpo defaults it extends).
+    assert (
+        summary["compare"]["dpo"]["n_subjects"] == 1
+        and summary["compare"]["no_change"]["n_subjects"] == 1
+    )
+    dpo_row = json.loads((out / "compare" / "dpo.jsonl").read_text())
+    assert dpo_row["align_info"]["steps"] == 20

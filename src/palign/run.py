@@ -123,14 +123,26 @@ def build(node: DictConfig):
         raise
 
 
-def _method_config(cfg: DictConfig, name: str) -> DictConfig:
-    """``conf/method/<name>.yaml`` resolved against ``cfg`` (as if run with ``method=<name>``)."""
+def _load_method_yaml(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` with its group-local ``defaults`` (other method configs) merged
+    first, as Hydra composes it."""
     path = CONF_DIR / "method" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"compare: unknown method {name!r} (no {path})")
+    node = OmegaConf.load(path)
+    bases = node.pop("defaults", [])
+    merged = OmegaConf.create()
+    for base in bases:
+        if base != "_self_":
+            merged = OmegaConf.merge(merged, _load_method_yaml(base))
+    return OmegaConf.merge(merged, node)
+
+
+def _method_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The method config ``name`` resolved against ``cfg`` (as if run with ``method=<name>``)."""
     other = cfg.copy()
     with open_dict(other):
-        other.method = OmegaConf.load(path)
+        other.method = _load_method_yaml(name)
     return other.method
 
 
@@ -176,6 +188,7 @@ def run(cfg: DictConfig) -> dict:
             artifacts=out_dir / "artifacts" if cfg.save_artifacts else None,
             logger=logger,
         )
+        method.teardown()
         compare = {}
         for node in compare_nodes:
             other = build(node)
@@ -185,6 +198,7 @@ def run(cfg: DictConfig) -> dict:
                     other, subjects, data.inventory, out_dir / "compare" / f"{other.name}.jsonl"
                 )
             )
+            other.teardown()
         summary = {
             "method": method.name,
             "model": model_name,

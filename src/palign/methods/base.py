@@ -85,6 +85,10 @@ class Method(ABC):
     def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
         """Fit to ``subject``'s answers on ``items`` (the alignment items only)."""
 
+    def teardown(self) -> None:
+        """Undo what :meth:`setup` changed in shared objects (e.g. adapter layers in the model)."""
+        return None
+
     def notes(self, rows: Sequence[dict]) -> list[str]:
         """Lines the report prints under the table (e.g. how hyper-parameters were chosen)."""
         return []

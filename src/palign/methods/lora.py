@@ -76,6 +76,10 @@ class LoraMethod(Method):
         )
         self.peft_model.eval()
 
+    def teardown(self) -> None:
+        """Remove the LoRA layers: the shared model is the plain base model again."""
+        self.peft_model.unload()
+
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
 
