@@ -1,5 +1,6 @@
 """The generate command: replies with and without a PAS profile."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from palign.generate import generate_pair
+from palign.generate import generate_pair, profile_applied
+from palign.methods.lora import adapter_applied
 from palign.pas.heads import PASError, head_layout
 from palign.pas.profile import POOLED, PASProfile
 
@@ -34,11 +36,15 @@ def _profile(layout, name="tiny_llama", alpha=8.0):
 def test_profile_changes_the_reply_and_alpha_zero_does_not(tiny):
     profile = _profile(head_layout(tiny.model))
     base, steered = generate_pair(
-        tiny, profile, "Describe yourself.", "Be brief.", max_new_tokens=12
+        tiny, profile_applied(tiny, profile), "Describe yourself.", "Be brief.", max_new_tokens=12
     )
     assert base != steered
     same_base, unsteered = generate_pair(
-        tiny, profile, "Describe yourself.", "Be brief.", alpha=0.0, max_new_tokens=12
+        tiny,
+        profile_applied(tiny, profile, alpha=0.0),
+        "Describe yourself.",
+        "Be brief.",
+        max_new_tokens=12,
     )
     assert unsteered == base == same_base
 
@@ -48,7 +54,44 @@ def test_profile_of_another_model_is_refused(tiny):
     with pytest.raises(
         PASError, match="profile was made for model 'smollm2_135m', not 'tiny_llama'"
     ):
-        generate_pair(tiny, profile, "Hi", "Be brief.")
+        profile_applied(tiny, profile)
+
+
+def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
+    from conftest import TINY_LLAMA
+    from palign.models import load_random
+    from palign.run import run
+
+    cfg = cfg_factory(
+        "model=tiny_llama", "method=dpo_cpu", "method.steps=4", "method.lr=0.05", "dataset.limit=1"
+    )
+    summary = run(cfg)
+    folder = Path(cfg.paths.output_dir) / "artifacts" / str(summary["cases"][0])
+    history = json.loads((folder / "train_history.json").read_text())
+    assert len(history) == 4 * 2 and {"loss", "margin", "reward_acc"} <= set(history[0])
+    loaded = load_random("tiny_llama", TINY_LLAMA, seed=0)
+    ids = torch.tensor([[1, 200, 300, 400]])
+    with torch.no_grad():
+        plain = loaded.model(input_ids=ids).logits
+        with adapter_applied(loaded, folder):
+            adapted = loaded.model(input_ids=ids).logits
+        restored = loaded.model(input_ids=ids).logits
+    assert not torch.allclose(plain, adapted, atol=1e-4)
+    assert torch.equal(plain, restored)  # the adapter is removed after use
+    base, aligned = generate_pair(
+        loaded,
+        lambda: adapter_applied(loaded, folder),
+        "Who are you?",
+        "Be brief.",
+        max_new_tokens=4,
+    )
+    assert isinstance(base, str) and isinstance(aligned, str)
+    other = load_random("tiny_other", TINY_LLAMA, seed=0)
+    with pytest.raises(
+        PASError, match="adapter was trained on model 'tiny_llama', not 'tiny_other'"
+    ):
+        with adapter_applied(other, folder):
+            pass
 
 
 def test_generate_cli(tiny, tmp_path):
@@ -75,7 +118,11 @@ def test_generate_cli(tiny, tmp_path):
         cwd=Path(__file__).resolve().parents[1],
         timeout=300,
     )
-    assert missing.returncode == 1 and "give profile=" in missing.stderr
+    assert (
+        missing.returncode == 1
+        and "give profile=" in missing.stderr
+        and "or adapter=" in missing.stderr
+    )
     bad = subprocess.run(
         cmd[:4] + ["prompt=Hi"],
         capture_output=True,

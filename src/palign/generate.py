@@ -1,20 +1,25 @@
-"""Open-ended text with a PAS profile applied, beside the same prompt without it.
+"""Open-ended text with a subject's alignment applied, beside the same prompt without it.
 
     python -m palign.generate profile=outputs/.../artifacts/<case>/profile.json prompt="..."
+    python -m palign.generate adapter=outputs/.../artifacts/<case> prompt="..."   # dpo / ppo
 
-The profile's heads are shifted by ``alpha * sigma * direction`` (``alpha`` defaults to the
-profile's own; the traits of a per-trait profile are summed) at every position while generating.
+A PAS profile shifts its heads by ``alpha * sigma * direction`` (``alpha`` defaults to the
+profile's own; the traits of a per-trait profile are summed) at every position while generating;
+a DPO/PPO adapter is loaded onto the model for the second reply.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from palign.eval.prompts import PromptRenderer
+from palign.methods.lora import adapter_applied
 from palign.models.loading import LoadedModel
 from palign.pas.heads import HeadShift, PASError, head_layout
 from palign.pas.profile import PASProfile
@@ -22,22 +27,18 @@ from palign.pas.profile import PASProfile
 
 def generate_pair(
     loaded: LoadedModel,
-    profile: PASProfile,
+    applied: Callable[[], AbstractContextManager],
     prompt: str,
     system_prompt: str,
-    alpha: float | None = None,
     max_new_tokens: int = 80,
     do_sample: bool = False,
     temperature: float = 0.7,
     seed: int = 0,
 ) -> tuple[str, str]:
-    """(without the profile, with it): the model's replies to ``prompt``."""
-    layout = head_layout(loaded.model)
-    profile.check_fits(layout, loaded.name)
+    """(without, with) the alignment that ``applied()`` puts in place: the model's replies."""
     renderer = PromptRenderer(loaded.tokenizer)
-    ids = torch.tensor([renderer.encode(renderer.render(system_prompt, prompt))])
     device = next(loaded.model.parameters()).device
-    ids = ids.to(device)
+    ids = torch.tensor([renderer.encode(renderer.render(system_prompt, prompt))], device=device)
     settings = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -45,35 +46,48 @@ def generate_pair(
         **({"temperature": temperature} if do_sample else {}),
     )
     replies = []
-    for shifted in (False, True):
+    for aligned in (False, True):
         torch.manual_seed(seed)
-        with torch.no_grad():
-            if shifted:
-                with HeadShift(layout, profile.total_shift(alpha)).applied():
-                    out = loaded.model.generate(ids, **settings)
-            else:
-                out = loaded.model.generate(ids, **settings)
+        with torch.no_grad(), applied() if aligned else nullcontext():
+            out = loaded.model.generate(ids, **settings)
         replies.append(
             loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         )
     return replies[0], replies[1]
 
 
+def profile_applied(loaded: LoadedModel, profile: PASProfile, alpha: float | None = None):
+    """A factory of the context that shifts ``profile``'s heads (checked against the model)."""
+    layout = head_layout(loaded.model)
+    profile.check_fits(layout, loaded.name)
+    return lambda: HeadShift(layout, profile.total_shift(alpha)).applied()
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     from palign.run import build
 
-    if OmegaConf.is_missing(cfg, "profile"):
-        sys.exit("palign.generate: error: give profile=<path to a PAS profile.json>")
+    if bool(cfg.profile) == bool(cfg.adapter):
+        sys.exit(
+            "palign.generate: error: give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<case> folder>"
+        )
     try:
-        profile = PASProfile.load(cfg.profile)
         loaded = build(cfg.model)
-        base, steered = generate_pair(
+        if cfg.profile:
+            profile = PASProfile.load(cfg.profile)
+            applied = profile_applied(loaded, profile, cfg.alpha)
+            alpha = profile.alpha if cfg.alpha is None else cfg.alpha
+            label = f"PAS profile of case {profile.meta.get('case', '?')} (alpha {alpha:g})"
+        else:
+            with adapter_applied(loaded, cfg.adapter):  # fail early on a foreign adapter
+                pass
+            applied = lambda: adapter_applied(loaded, cfg.adapter)  # noqa: E731
+            label = f"adapter {cfg.adapter}"
+        base, aligned = generate_pair(
             loaded,
-            profile,
+            applied,
             cfg.prompt,
             cfg.system_prompt,
-            cfg.alpha,
             cfg.max_new_tokens,
             cfg.do_sample,
             cfg.temperature,
@@ -81,11 +95,9 @@ def main(cfg: DictConfig) -> None:
         )
     except PASError as e:
         sys.exit(f"palign.generate: error: {e}")
-    alpha = profile.alpha if cfg.alpha is None else cfg.alpha
-    case = profile.meta.get("case", "?")
     print(f"Prompt: {cfg.prompt}\n")
     print(f"--- {loaded.name}, no profile ---\n{base}\n")
-    print(f"--- {loaded.name} + PAS profile of case {case} (alpha {alpha:g}) ---\n{steered}")
+    print(f"--- {loaded.name} + {label} ---\n{aligned}")
 
 
 if __name__ == "__main__":

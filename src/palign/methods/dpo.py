@@ -255,10 +255,10 @@ class DPO(LoraMethod):
         trainer.fit(module, loader)
         self.peft_model.eval()
         first, last = module.history[0], module.history[-1]
-        return AdapterArtifact(
-            case=subject.case,
-            state=self.adapter_state(),
-            meta={
+        return self.artifact(
+            subject,
+            module.history,
+            {
                 "pairs": len(data.rows),
                 "steps": self.steps,
                 "loss_first": first["loss"],

@@ -28,11 +28,18 @@ def answer_completion(answer: int, answer_prefix: str) -> str:
 
 @dataclass
 class AdapterArtifact(Artifact):
-    """The trained LoRA weights of one subject (saved as ``adapter.safetensors``)."""
+    """One subject's trained LoRA weights, saved as ``adapter.safetensors`` beside
+    ``adapter.json`` (model and LoRA settings, to apply it again) and ``train_history.json``
+    (per-step loss, rewards, KL, margins)."""
 
     state: dict[str, torch.Tensor] | None = None
+    model: str = ""
+    lora: dict | None = None
+    history: list[dict] | None = None
 
     def save(self, directory: Path) -> None:
+        import json
+
         from safetensors.torch import save_file
 
         super().save(directory)
@@ -40,6 +47,39 @@ class AdapterArtifact(Artifact):
             {k: v.contiguous() for k, v in self.state.items()},
             str(directory / "adapter.safetensors"),
         )
+        (directory / "adapter.json").write_text(
+            json.dumps({"model": self.model, "lora": self.lora}, indent=2)
+        )
+        (directory / "train_history.json").write_text(json.dumps(self.history or [], indent=1))
+
+
+@contextmanager
+def adapter_applied(loaded, directory: str | Path):
+    """``loaded.model`` with the saved adapter of ``directory`` active for the block."""
+    import json
+
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from palign.pas.heads import PASError
+
+    directory = Path(directory)
+    if not (directory / "adapter.json").is_file():
+        raise PASError(
+            f"adapter={directory}: no adapter.json (expected an artifacts/<case>/ folder of dpo or ppo)"
+        )
+    info = json.loads((directory / "adapter.json").read_text())
+    if info["model"] != loaded.name:
+        raise PASError(
+            f"adapter was trained on model {info['model']!r}, not {loaded.name!r} (pass model={info['model']})"
+        )
+    peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **info["lora"]))
+    set_peft_model_state_dict(peft_model, load_file(str(directory / "adapter.safetensors")))
+    peft_model.eval()
+    try:
+        yield
+    finally:
+        peft_model.unload()
 
 
 class LoraMethod(Method):
@@ -94,10 +134,19 @@ class LoraMethod(Method):
         for p in self.lora_parameters():
             p.requires_grad_(True)
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
+    def artifact(self, subject: Subject, history: list[dict], meta: dict) -> AdapterArtifact:
+        """The subject's adapter weights and training record."""
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+        return AdapterArtifact(
+            case=subject.case,
+            state=state,
+            model=self.context.scorer.loaded.name,
+            lora=self.lora,
+            history=history,
+            meta=meta,
+        )
 
     @contextmanager
     def reference(self):

@@ -269,10 +269,10 @@ class PPO(LoraMethod):
         self.peft_model.eval()
         rewards = [h["reward"] for h in module.history]
         k = max(1, len(rewards) // 4)
-        return AdapterArtifact(
-            case=subject.case,
-            state=self.adapter_state(),
-            meta={
+        return self.artifact(
+            subject,
+            module.history,
+            {
                 "steps": self.steps,
                 "reward_first": float(np.mean(rewards[:k])),
                 "reward_last": float(np.mean(rewards[-k:])),
