@@ -370,7 +370,7 @@ class Scorer:
 
 
 def make_trainer(**trainer_kwargs) -> L.Trainer:
-    """A Trainer for predict loops: no logger, checkpoints or bars of its own (the runner has them)."""
+    """A Trainer with no logger, checkpoints or bars of its own (the runner has them)."""
     # Lightning's per-Trainer banners (GPU available, tips) are noise in a per-subject loop.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
+from palign.eval.scoring import make_trainer
 from palign.methods.base import ConfigError
 from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
 
@@ -172,7 +173,6 @@ class DPO(LoraMethod):
         steps: int = 250,
         rejected: str = "opposite",
         keep_neutral: bool = False,
-        trainer: dict | None = None,
         **lora,
     ):
         super().__init__(**lora)
@@ -190,7 +190,6 @@ class DPO(LoraMethod):
         )
         self.batch_size, self.micro_batch_size, self.steps = batch_size, micro_batch_size, steps
         self.rejected, self.keep_neutral = rejected, keep_neutral
-        self.trainer_kwargs = dict(trainer or {"accelerator": "cpu", "devices": 1})
 
     def _batches(self, subject: Subject, items: Sequence[Item]) -> PairBatches:
         pairs = preference_pairs(
@@ -241,15 +240,11 @@ class DPO(LoraMethod):
             collate_fn=data.collate,
         )
         accumulate = self.batch_size // self.micro_batch_size
-        trainer = L.Trainer(
+        trainer = make_trainer(
             **self.trainer_kwargs,
             max_steps=self.steps,
             max_epochs=math.ceil(self.steps * accumulate / max(len(loader), 1)) + 1,
             accumulate_grad_batches=accumulate,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         self.peft_model.train()
         trainer.fit(module, loader)

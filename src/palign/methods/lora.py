@@ -94,6 +94,7 @@ class LoraMethod(Method):
         lora_dropout: float = 0.05,
         target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
         seed: int = 0,
+        trainer: dict | None = None,
     ):
         self.lora = dict(
             r=lora_r,
@@ -102,6 +103,8 @@ class LoraMethod(Method):
             target_modules=list(target_modules),
         )
         self.seed = seed
+        #: Lightning Trainer settings for training (accelerator, devices, precision, strategy).
+        self.trainer_kwargs = dict(trainer or {"accelerator": "cpu", "devices": 1})
 
     def setup(self, context: MethodContext) -> None:
         from peft import LoraConfig, get_peft_model
@@ -138,7 +141,10 @@ class LoraMethod(Method):
         """The subject's adapter weights and training record."""
         from peft import get_peft_model_state_dict
 
-        state = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+        state = {
+            k: v.detach().cpu().clone()
+            for k, v in get_peft_model_state_dict(self.peft_model).items()
+        }
         return AdapterArtifact(
             case=subject.case,
             state=state,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from palign.data.papi import Item, Subject
-from palign.eval.scoring import parse_answer
+from palign.eval.scoring import make_trainer, parse_answer
 from palign.methods.lora import AdapterArtifact, LoraMethod
 
 UNPARSED_REWARD = -6.0
@@ -218,7 +218,6 @@ class PPO(LoraMethod):
         lam: float = 0.95,
         max_new_tokens: int = 15,
         prefill: bool = True,
-        trainer: dict | None = None,
         **lora,
     ):
         super().__init__(**lora)
@@ -231,7 +230,6 @@ class PPO(LoraMethod):
             lam,
         )
         self.max_new_tokens, self.prefill = max_new_tokens, prefill
-        self.trainer_kwargs = dict(trainer or {"accelerator": "cpu", "devices": 1})
 
     def setup(self, context) -> None:
         super().setup(context)
@@ -256,14 +254,10 @@ class PPO(LoraMethod):
         ]
         torch.manual_seed(self.seed * 1_000_003 + subject.case)
         start = time.perf_counter()
-        trainer = L.Trainer(
+        trainer = make_trainer(
             **self.trainer_kwargs,
             max_steps=self.steps,
             max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(module, batches)
         self.peft_model.eval()
