@@ -94,6 +94,11 @@ def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
             pass
 
 
+def _generate(cmd):
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+
+
 def test_generate_cli(tiny, tmp_path):
     _profile(head_layout(tiny.model)).save(tmp_path / "profile")
     cmd = [
@@ -105,31 +110,17 @@ def test_generate_cli(tiny, tmp_path):
         "prompt=Who are you?",
         "max_new_tokens=8",
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300
-    )
+    proc = _generate(cmd)
     assert proc.returncode == 0, proc.stderr
     assert "--- tiny_llama, no profile ---" in proc.stdout
     assert "--- tiny_llama + PAS profile of case 123 (alpha 8) ---" in proc.stdout
-    missing = subprocess.run(
-        cmd[:3],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=300,
-    )
+    missing = _generate(cmd[:3])
     assert (
         missing.returncode == 1
         and "give profile=" in missing.stderr
         and "or adapter=" in missing.stderr
     )
-    bad = subprocess.run(
-        cmd[:4] + ["prompt=Hi"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=300,
-    )
+    bad = _generate(cmd[:4] + ["prompt=Hi"])
     assert (
         bad.returncode == 1
         and "palign.generate: error: profile was made for model 'tiny_llama'" in bad.stderr

@@ -8,16 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from palign.data.papi import PapiDataError
-from palign.eval.scoring import ScoringError
-from palign.methods.base import ConfigError
-from palign.models.loading import ModelLoadError
-from palign.pas.heads import PASError
+from palign.run import USER_ERRORS
 
 log = logging.getLogger("palign")
-
-#: Errors that describe bad input or an impossible config: shown as one line, no traceback.
-USER_ERRORS = (PapiDataError, ModelLoadError, ScoringError, PASError, ConfigError)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from palign.eval.prompts import PromptRenderer
 from palign.methods.lora import adapter_applied
 from palign.models.loading import LoadedModel
-from palign.pas.heads import HeadShift, PASError, head_layout
+from palign.pas.heads import HeadShift, head_layout
 from palign.pas.profile import PASProfile
 
 
@@ -65,7 +65,7 @@ def profile_applied(loaded: LoadedModel, profile: PASProfile, alpha: float | Non
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from palign.run import build
+    from palign.run import USER_ERRORS, build
 
     if bool(cfg.profile) == bool(cfg.adapter):
         sys.exit(
@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> None:
             cfg.temperature,
             cfg.seed,
         )
-    except PASError as e:
+    except USER_ERRORS as e:
         sys.exit(f"palign.generate: error: {e}")
     print(f"Prompt: {cfg.prompt}\n")
     print(f"--- {loaded.name}, no profile ---\n{base}\n")

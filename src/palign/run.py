@@ -22,15 +22,20 @@ from tqdm.auto import tqdm
 
 from palign import __version__
 from palign.constants import TRAITS
-from palign.data.papi import Inventory, PapiData, Subject, load_papi, select_subjects
+from palign.data.papi import Inventory, PapiData, PapiDataError, Subject, load_papi, select_subjects
 from palign.eval.metrics import subject_metrics
-from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
+from palign.eval.scoring import Scorer, ScoringConfig, ScoringError, make_trainer
 from palign.methods.base import Artifact, ConfigError, Method, MethodContext
 from palign.methods.statistical import BASELINES
+from palign.models.loading import ModelLoadError
+from palign.pas.heads import PASError
 from palign.report import aggregate, report_markdown
 
 log = logging.getLogger("palign")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+#: Errors that describe bad input or an impossible config: shown as one line, no traceback.
+USER_ERRORS = (PapiDataError, ModelLoadError, ScoringError, PASError, ConfigError)
 
 
 def evaluate_subject(
@@ -113,8 +118,6 @@ def _log_line(row: dict) -> str:
 
 def build(node: DictConfig):
     """``hydra.utils.instantiate``, re-raising palign's own errors unwrapped (they name the key)."""
-    from palign.__main__ import USER_ERRORS
-
     try:
         return instantiate(node)
     except InstantiationException as e:

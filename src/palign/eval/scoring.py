@@ -300,7 +300,7 @@ class Scorer:
         self.renderer = PromptRenderer(loaded.tokenizer, self.config.use_chat_template)
         tok = loaded.tokenizer
         generate = self.config.mode == "generate"
-        eos = _eos_ids(loaded) if generate else []
+        eos = eos_ids(loaded) if generate else []
         self.module = ItemScorer(
             loaded.model,
             letter_ids=None
@@ -383,7 +383,7 @@ def make_trainer(**trainer_kwargs) -> L.Trainer:
     return L.Trainer(**{**defaults, **trainer_kwargs})
 
 
-def _eos_ids(loaded: LoadedModel) -> list[int]:
+def eos_ids(loaded: LoadedModel) -> list[int]:
     """Token ids that end a generation: the tokenizer's EOS and the generation config's."""
     configured = getattr(loaded.model.generation_config, "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]

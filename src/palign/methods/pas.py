@@ -128,8 +128,9 @@ class PAS(Method):
         y = np.where(np.repeat(high, 2), is_a, ~is_a) & labelled
         return y.astype(np.float32), labelled
 
-    def fit(self, subject: Subject, usable: np.ndarray, seed: int) -> PASProfile:
-        """Probe, rank and build directions from the items where ``usable`` (120,) is True."""
+    def fit(self, subject: Subject, usable: np.ndarray, seed: int) -> tuple[PASProfile, float]:
+        """Probe, rank and build directions from the items where ``usable`` (120,) is True;
+        returns the profile and the seconds spent on probes and directions."""
         raw = subject.answers([it.number for it in self.items])
         y, labelled = self._labels(np.where(usable, raw, 0))
         groups = (
@@ -156,7 +157,7 @@ class PAS(Method):
         else:
             directions = probes.weight / probes.weight.norm(dim=-1, keepdim=True)
             sigma = projection_sigma(self.x.double(), directions.double(), mt).float()
-        self._probe_s = time.perf_counter() - start
+        probe_s = time.perf_counter() - start
         n_heads = self.layout.n_heads
         parts = {
             k: [] for k in ("layer", "head", "trait", "direction", "sigma", "train_acc", "val_acc")
@@ -183,7 +184,7 @@ class PAS(Method):
             parts["train_acc"].append(probes.train_acc[g, idx])
             parts["val_acc"].append(probes.val_acc[g, idx])
         tensors = {k: torch.cat(v).cpu() for k, v in parts.items()}
-        return PASProfile(
+        profile = PASProfile(
             model=self.context.scorer.loaded.name,
             shape=self.layout.shape,
             **tensors,
@@ -198,6 +199,7 @@ class PAS(Method):
                 "labelled_items": int(labelled.sum() // 2),
             },
         )
+        return profile, probe_s
 
     # --- scoring under shifts ----------------------------------------------------------------
 
@@ -265,8 +267,8 @@ class PAS(Method):
             predictions = np.zeros((len(self.alphas), len(self.items)), dtype=np.int64)
             for f in range(self.folds):
                 usable = fold_of != f
-                profile = self.fit(subject, usable, seed=self.seed + 101 * (f + 1))
-                probe_s += self._probe_s
+                profile, seconds = self.fit(subject, usable, seed=self.seed + 101 * (f + 1))
+                probe_s += seconds
                 held = [it for it, u in zip(self.items, usable) if not u]
                 answers = self.score_alphas(
                     profile, self._system_prompt(subject, usable), held, self.alphas
@@ -277,8 +279,8 @@ class PAS(Method):
             meta["alpha_scores"] = dict(zip(map(str, self.alphas), scores))
             meta["folds"] = self.folds
         search_s = time.perf_counter() - start - probe_s
-        profile = self.fit(subject, everything, seed=self.seed)
-        probe_s += self._probe_s
+        profile, seconds = self.fit(subject, everything, seed=self.seed)
+        probe_s += seconds
         profile.alpha = alpha
         profile.meta.update(meta)
         timing = {

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from palign.data.papi import Item, Subject
-from palign.eval.scoring import make_trainer, parse_answer
+from palign.eval.scoring import eos_ids, make_trainer, parse_answer
 from palign.methods.lora import AdapterArtifact, LoraMethod
 
 UNPARSED_REWARD = -6.0
@@ -235,9 +235,7 @@ class PPO(LoraMethod):
         super().setup(context)
         if not self.prefill:
             self.answer_prefix = ""
-        from palign.eval.scoring import _eos_ids
-
-        self.eos_ids = _eos_ids(context.scorer.loaded)
+        self.eos_ids = eos_ids(context.scorer.loaded)
 
     def align(self, subject: Subject, items: Sequence[Item]) -> AdapterArtifact:
         self.reset_adapter(subject.case)

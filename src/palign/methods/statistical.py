@@ -98,25 +98,23 @@ class ItemMean(Method):
     def setup(self, context: MethodContext) -> None:
         super().setup(context)
         data = context.data
-        self._answers = data.answers  # (subjects, 300) raw
         self._row = {s.case: i for i, s in enumerate(data.subjects)}
+        self._answers = data.answers  # (subjects, 300) raw; stacked once per run
 
-    def _others(self, subject: Subject) -> np.ndarray:
-        mask = np.ones(len(self._answers), dtype=bool)
-        mask[self._row[subject.case]] = False
-        return self._answers[mask]
+    def _others(self, subject: Subject, items: Sequence[Item]) -> np.ndarray:
+        """The other subjects' raw answers to ``items``, (subjects - 1, n)."""
+        cols = np.array([it.number for it in items]) - 1
+        return np.delete(self._answers[:, cols], self._row[subject.case], axis=0)
 
     def align(self, subject: Subject, items: Sequence[Item]) -> TraitArtifact:
-        numbers = np.array([it.number for it in items]) - 1
-        own = keyed_trait_means(subject.answers(numbers + 1), items)
-        population = keyed_trait_means(self._others(subject)[:, numbers], items).mean(0)
+        own = keyed_trait_means(subject.answers([it.number for it in items]), items)
+        population = keyed_trait_means(self._others(subject, items), items).mean(0)
         return TraitArtifact(
             case=subject.case, trait_means=tuple(float(m) for m in own - population)
         )
 
     def answer(self, subject: Subject, artifact: TraitArtifact, items: Sequence[Item]) -> Answers:
-        numbers = np.array([it.number for it in items]) - 1
-        others = self._others(subject)[:, numbers]
+        others = self._others(subject, items)
         known = others != 0
         key = np.array([it.key for it in items])
         keyed_mean = (keyed(others, key) * known).sum(0) / np.maximum(known.sum(0), 1)  # (n,)
