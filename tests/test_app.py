@@ -1,5 +1,6 @@
 """Hydra composition of every config, end-to-end runs on tiny_llama, clear errors."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -63,11 +64,16 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory):
     )
     resolved = OmegaConf.load(out / "config.yaml")
     assert resolved.scoring.mode == "logit" and resolved.scoring.batch_size == 16
-    prompt = (out / "artifacts" / str(rows[0]["case"]) / "system_prompt.txt").read_text()
-    assert prompt.count("\n") == 120
-    assert (out / "csv" / "metrics.csv").read_text().startswith("mae/A") or "score" in (
-        out / "csv" / "metrics.csv"
-    ).read_text()
+    prompt = out / "artifacts" / "few_shot" / str(rows[0]["case"]) / "system_prompt.txt"
+    assert prompt.read_text().count("\n") == 120
+    with open(out / "csv" / "metrics.csv") as f:
+        logged = list(csv.DictReader(f))
+    per_subject = [r for r in logged if r.get("few_shot/score")]
+    assert [float(r["few_shot/score"]) for r in per_subject] == pytest.approx(
+        [r["score"] for r in rows]
+    )
+    assert [int(float(r["few_shot/case"])) for r in per_subject] == [r["case"] for r in rows]
+    assert float(logged[-1]["summary/few_shot/score"]) == pytest.approx(summary["score"])
 
 
 def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
@@ -93,7 +99,8 @@ def test_personality_prompt_on_sampled_subjects(cfg_factory, papi):
     )
     summary = run(cfg)
     assert summary["cases"] == [s.case for s in select_subjects(papi.subjects, sample=2, seed=3)]
-    out = Path(cfg.paths.output_dir) / "artifacts" / str(summary["cases"][0]) / "system_prompt.txt"
+    out = Path(cfg.paths.output_dir) / "artifacts" / "personality_prompt"
+    out = out / str(summary["cases"][0]) / "system_prompt.txt"
     by_case = {s.case: s for s in papi.subjects}
     assert out.read_text() == by_case[summary["cases"][0]].persona
 
@@ -187,7 +194,7 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
         assert row["align_info"]["alpha_selected_on"] == selection
         assert row["align_info"]["alpha"] in (0.0, 4.0)
         assert {"probes_s", "alpha_search_s", "activations_s_amortised"} <= set(row["timing"])
-        profile = out / "artifacts" / str(row["case"]) / "profile.json"
+        profile = out / "artifacts" / "pas" / str(row["case"]) / "profile.json"
         sidecar = json.loads(profile.read_text())
         assert sidecar["alpha"] == row["align_info"]["alpha"] and len(sidecar["heads"]) == 4
         assert sidecar["ranking"] == {"clean": "val", "paper": "mean_train_val"}[protocol]

@@ -125,5 +125,7 @@ def test_dpo_end_to_end(cfg_factory):
     assert (
         row["method"] == "dpo" and row["timing"]["train_s"] > 0 and row["align_info"]["steps"] == 3
     )
-    assert (out / "artifacts" / str(row["case"]) / "adapter.safetensors").stat().st_size > 0
+    assert (
+        out / "artifacts" / row["method"] / str(row["case"]) / "adapter.safetensors"
+    ).stat().st_size > 0
     assert summary["timing"]["train_s_per_subject"] > 0

@@ -15,14 +15,13 @@ log = logging.getLogger("palign")
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from palign.run import run
+    from palign.run import objective, run
 
     try:
-        summary = run(cfg)
+        return objective(cfg, run(cfg))
     except USER_ERRORS as e:
         log.error("%s", e)
         sys.exit(f"palign: error: {e}")
-    return summary["score"]
 
 
 if __name__ == "__main__":

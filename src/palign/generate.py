@@ -1,7 +1,7 @@
 """Open-ended text with a subject's alignment applied, beside the same prompt without it.
 
-    python -m palign.generate profile=outputs/.../artifacts/<case>/profile.json prompt="..."
-    python -m palign.generate adapter=outputs/.../artifacts/<case> prompt="..."   # dpo / ppo
+    python -m palign.generate profile=outputs/.../artifacts/<method>/<case>/profile.json prompt="..."
+    python -m palign.generate adapter=outputs/.../artifacts/<method>/<case> prompt="..."   # dpo / ppo
 
 A PAS profile shifts its heads by ``alpha * sigma * direction`` (``alpha`` defaults to the
 profile's own; the traits of a per-trait profile are summed) at every position while generating;
@@ -69,7 +69,7 @@ def main(cfg: DictConfig) -> None:
 
     if bool(cfg.profile) == bool(cfg.adapter):
         sys.exit(
-            "palign.generate: error: give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<case> folder>"
+            "palign.generate: error: give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<method>/<case> folder>"
         )
     try:
         loaded = build(cfg.model)

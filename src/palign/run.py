@@ -1,8 +1,10 @@
 """The evaluation runner: align and evaluate one method on the selected subjects, write outputs.
 
-Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``results.jsonl`` (one line per
-subject, appended as each finishes), ``summary.json``, ``report.md`` and, if enabled, one
-artifact folder per subject under ``artifacts/``.
+Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``results/<method>/<case>.json``
+(one row per subject, written atomically as it finishes; what ``resume`` reads),
+``results.jsonl`` and ``compare/<method>.jsonl`` (the rows in subject order), ``summary.json``,
+``report.md`` and, if enabled, one artifact folder per subject under
+``artifacts/<method>/<case>/``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
@@ -30,6 +35,7 @@ from palign.methods.statistical import BASELINES
 from palign.models.loading import ModelLoadError
 from palign.pas.heads import PASError
 from palign.report import aggregate, report_markdown
+from palign.tracking import RunTracker
 
 log = logging.getLogger("palign")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -76,35 +82,65 @@ def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, d
     return out
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finished_rows(rows_dir: Path) -> dict[int, dict]:
+    """The per-subject rows already written in ``rows_dir`` (``<case>.json``), by case."""
+    done = {}
+    for path in sorted(rows_dir.glob("*.json")) if rows_dir.is_dir() else []:
+        try:
+            row = json.loads(path.read_text())
+            done[int(row["case"])] = row
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"resume: {path} is not a palign result row ({e})") from None
+    return done
+
+
 def evaluate_all(
     method: Method,
     subjects: Sequence[Subject],
     inventory: Inventory,
-    results_path: Path,
+    rows_dir: Path,
     artifacts: Path | None = None,
-    logger=None,
+    tracker: RunTracker | None = None,
 ) -> list[dict]:
-    """Evaluate ``method`` on every subject with a progress bar; each subject's row is appended
-    to ``results_path`` (JSON lines) as soon as it is done, so a crash loses no finished subject."""
+    """Evaluate ``method`` on every subject with a progress bar. Each subject's row is written
+    atomically to ``rows_dir/<case>.json`` as soon as it is done (after its artifact), so a
+    killed run loses at most the subject in flight; subjects whose row is already there are
+    not evaluated again (``resume``)."""
+    done = finished_rows(rows_dir)
+    if done:
+        log.info("%s: %d finished subject(s) found in %s", method.name, len(done), rows_dir)
     rows = []
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(results_path, "a", encoding="utf-8") as results:
-        for step, subject in enumerate(
-            tqdm(subjects, desc=f"{method.name} subjects", unit="subject")
-        ):
+    bar = tqdm(subjects, desc=f"{method.name} subjects", unit="subject", dynamic_ncols=True)
+    for subject in bar:
+        if subject.case in done:
+            row, history = done[subject.case], None
+        else:
             row, artifact = evaluate_subject(method, subject, inventory)
-            results.write(json.dumps(row) + "\n")
-            results.flush()
             if artifacts is not None:
                 artifact.save(artifacts / str(subject.case))
-            if logger is not None:
-                flat = {f"mae/{t}": row["mae"][t] for t in TRAITS}
-                logger.log_metrics(
-                    {**flat, "score": row["score"], "unk_rate": row["unk_rate"]}, step=step
-                )
-            rows.append(row)
+            write_atomic(rows_dir / f"{subject.case}.json", json.dumps(row))
+            history = artifact.history
             log.info("%s %s", method.name, _log_line(row))
+        if tracker is not None:
+            tracker.subject(row, history)
+        rows.append(row)
+        bar.set_postfix(score=f"{np.mean([r['score'] for r in rows]):.3f}")
     return rows
+
+
+def _write_rows(path: Path, rows: Sequence[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _log_line(row: dict) -> str:
@@ -141,7 +177,7 @@ def _load_method_yaml(name: str) -> DictConfig:
     return OmegaConf.merge(merged, node)
 
 
-def _method_config(cfg: DictConfig, name: str) -> DictConfig:
+def method_config(cfg: DictConfig, name: str) -> DictConfig:
     """The method config ``name`` resolved against ``cfg`` (as if run with ``method=<name>``)."""
     other = cfg.copy()
     with open_dict(other):
@@ -149,26 +185,161 @@ def _method_config(cfg: DictConfig, name: str) -> DictConfig:
     return other.method
 
 
-def run(cfg: DictConfig) -> dict:
-    """Run one configured evaluation; returns the summary (also written to ``summary.json``)."""
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for key, value in (cfg.hardware.get("env") or {}).items():
-        os.environ.setdefault(str(key), str(value))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+#: Config keys that may differ between a run and its resumption (where and how it is logged).
+RESUME_FREE_KEYS = ("paths", "resume", "logger", "hardware", "task_name", "save_artifacts")
 
-    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
+
+def check_resume(cfg: DictConfig, out_dir: Path) -> None:
+    """With ``resume=<run dir>`` (which Hydra makes the run dir): ``out_dir`` must hold a palign
+    run (a multirun job that had not started yet is the exception) whose ``config.yaml`` agrees
+    with ``cfg`` except at :data:`RESUME_FREE_KEYS`. Without ``resume``, ``out_dir`` must not
+    hold results of an earlier run."""
+    resume = cfg.get("resume")
+    saved_path = out_dir / "config.yaml"
+    if not resume:
+        if (out_dir / "results").is_dir():
+            raise ConfigError(
+                f"{out_dir} already holds results of a run: pass resume={out_dir} to continue "
+                "it, or choose another hydra.run.dir"
+            )
+        return
+    if not saved_path.is_file():
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return
+        raise ConfigError(f"resume={resume}: no palign run in {out_dir} (no config.yaml)")
+    diff = config_differences(OmegaConf.load(saved_path), cfg, RESUME_FREE_KEYS)
+    if diff:
+        raise ConfigError(
+            f"resume={resume}: the config differs from the run's {saved_path} at "
+            f"{', '.join(diff[:8])}; resume with the same overrides or start a new run"
+        )
+
+
+def config_differences(a: DictConfig, b: DictConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted keys at which the resolved configs ``a`` and ``b`` differ, except under the
+    dotted keys of ``ignore``."""
+    skip = set(ignore)
+
+    def walk(x, y, prefix: str) -> list[str]:
+        if prefix.rstrip(".") in skip:
+            return []
+        if isinstance(x, dict) and isinstance(y, dict):
+            return [
+                d
+                for k in sorted(set(x) | set(y))
+                for d in walk(x.get(k), y.get(k), f"{prefix}{k}.")
+            ]
+        return [] if x == y else [prefix.rstrip(".")]
+
+    return walk(
+        OmegaConf.to_container(a, resolve=True), OmegaConf.to_container(b, resolve=True), ""
+    )
+
+
+def select(cfg: DictConfig, data: PapiData) -> list[Subject]:
+    """The subjects ``cfg.dataset`` selects (cases, sample, limit, shard)."""
     ds = cfg.dataset
-    subjects = select_subjects(
+    return select_subjects(
         data.subjects,
         limit=ds.limit,
         cases=list(ds.cases) if ds.cases else None,
         sample=ds.sample,
         seed=ds.seed,
+        shard=ds.get("shard"),
     )
+
+
+def selection_score(rows: Sequence[dict]) -> float | None:
+    """Mean over subjects of the cross-validated Score of the chosen hyper-parameters on the
+    subjects' own alignment items (``align_info.selection_score``, e.g. PAS under
+    protocol=clean); None when a method selected nothing there. The objective of
+    ``hparams_search``: it never reads a test item."""
+    scores = [r.get("align_info", {}).get("selection_score") for r in rows]
+    if not rows or any(s is None for s in scores):
+        return None
+    return float(np.mean(scores))
+
+
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
+    (None when no metric is configured). Only ``selection_score`` may be optimised: choosing
+    hyper-parameters by the test Score would leak the test items into the result."""
+    metric = cfg.get("optimized_metric")
+    if not metric:
+        return None
+    if metric != "selection_score":
+        raise ConfigError(
+            f"optimized_metric={metric!r}: only 'selection_score' (on the subjects' own "
+            "alignment items) may be optimised; the test Score would leak the test items"
+        )
+    if summary["selection_score"] is None:
+        raise ConfigError(
+            f"optimized_metric=selection_score: method {summary['method']} under "
+            f"protocol={summary['protocol']['name']} selects nothing on the alignment items "
+            "(PAS needs protocol=clean)"
+        )
+    return summary["selection_score"]
+
+
+def summarize(
+    cfg: DictConfig,
+    method: Method,
+    model_name: str,
+    data: PapiData,
+    subjects: Sequence[Subject],
+    rows: Sequence[dict],
+    compare: dict[str, dict],
+) -> dict:
+    """The run's ``summary.json`` content: the method's aggregate beside the compared methods'
+    and the statistical baselines' on the same subjects (and on all loaded subjects)."""
+    return {
+        "method": method.name,
+        "model": model_name,
+        "protocol": {
+            "name": cfg.protocol.name,
+            "coding": cfg.protocol.coding,
+            "scoring": cfg.scoring.mode if method.uses_llm else "none (no LLM)",
+        },
+        "n_test_items": len(data.inventory.test),
+        **aggregate(rows),
+        "selection_score": selection_score(rows),
+        "cases": [s.case for s in subjects],
+        "shard": cfg.dataset.get("shard"),
+        "compare": compare,
+        "baselines": baseline_results(data, subjects),
+        "baselines_all_subjects": baseline_results(data, data.subjects),
+        "notes": method.notes(rows),
+        "versions": {"palign": __version__},
+    }
+
+
+def write_outputs(out_dir: Path, summary: dict, rows: dict[str, Sequence[dict]]) -> str:
+    """``summary.json``, ``report.md`` and the per-method JSON-lines files (``results.jsonl``
+    for the main method, ``compare/<name>.jsonl`` for the others); returns the report."""
+    for name, method_rows in rows.items():
+        path = out_dir / ("results.jsonl" if name == summary["method"] else f"compare/{name}.jsonl")
+        _write_rows(path, method_rows)
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    report = report_markdown(summary)
+    write_atomic(out_dir / "report.md", report)
+    return report
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one configured evaluation; returns the summary (also written to ``summary.json``).
+    With ``resume=<run dir>`` the subjects already finished there are not evaluated again."""
+    out_dir = Path(cfg.paths.output_dir)
+    check_resume(cfg, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for key, value in (cfg.hardware.get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
+    subjects = select(cfg, data)
     method: Method = build(cfg.method)
-    compare_nodes = [_method_config(cfg, name) for name in cfg.get("compare") or []]
+    compare_nodes = [method_config(cfg, name) for name in cfg.get("compare") or []]
     scorer = None
     model_name = "none (no LLM)"
     if method.uses_llm:
@@ -179,54 +350,42 @@ def run(cfg: DictConfig) -> dict:
             loaded, trainer, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True))
         )
     method.setup(MethodContext(data=data, scorer=scorer))
-    logger = build(cfg.logger) if cfg.get("logger") else None
+    tracker = RunTracker.from_config(cfg, method.name)
+    ok = False
     try:
-        if logger is not None:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        rows = evaluate_all(
-            method,
-            subjects,
-            data.inventory,
-            out_dir / "results.jsonl",
-            artifacts=out_dir / "artifacts" if cfg.save_artifacts else None,
-            logger=logger,
-        )
+        tracker.hyperparams(cfg)
+        artifacts = out_dir / "artifacts" if cfg.save_artifacts else None
+        rows = {
+            method.name: evaluate_all(
+                method,
+                subjects,
+                data.inventory,
+                out_dir / "results" / method.name,
+                artifacts=artifacts / method.name if artifacts else None,
+                tracker=tracker,
+            )
+        }
         method.teardown()
         compare = {}
         for node in compare_nodes:
             other = build(node)
             other.setup(MethodContext(data=data, scorer=scorer))
-            compare[other.name] = aggregate(
-                evaluate_all(
-                    other, subjects, data.inventory, out_dir / "compare" / f"{other.name}.jsonl"
-                )
+            rows[other.name] = evaluate_all(
+                other,
+                subjects,
+                data.inventory,
+                out_dir / "results" / other.name,
+                artifacts=artifacts / other.name if artifacts else None,
+                tracker=tracker,
             )
+            compare[other.name] = aggregate(rows[other.name])
             other.teardown()
-        summary = {
-            "method": method.name,
-            "model": model_name,
-            "protocol": {
-                "name": cfg.protocol.name,
-                "coding": cfg.protocol.coding,
-                "scoring": cfg.scoring.mode if method.uses_llm else "none (no LLM)",
-            },
-            "n_test_items": len(data.inventory.test),
-            **aggregate(rows),
-            "cases": [s.case for s in subjects],
-            "compare": compare,
-            "baselines": baseline_results(data, subjects),
-            "baselines_all_subjects": baseline_results(data, data.subjects),
-            "notes": method.notes(rows),
-            "versions": {"palign": __version__},
-        }
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        report = report_markdown(summary)
-        (out_dir / "report.md").write_text(report)
-        if logger is not None:
-            logger.log_metrics({"summary/score": summary["score"]}, step=len(rows))
+        summary = summarize(cfg, method, model_name, data, subjects, rows[method.name], compare)
+        report = write_outputs(out_dir, summary, rows)
+        tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], out_dir)
         print(report)
         log.info("Outputs in %s", out_dir)
+        ok = True
         return summary
     finally:
-        if logger is not None:
-            logger.finalize("success")
+        tracker.close(ok)

@@ -281,8 +281,11 @@ def select_subjects(
     cases: Sequence[int] | None = None,
     sample: int | None = None,
     seed: int = 0,
+    shard: str | None = None,
 ) -> list[Subject]:
-    """All subjects, explicit ``cases``, a seeded random ``sample`` of N, then the first ``limit``."""
+    """All subjects, explicit ``cases``, a seeded random ``sample`` of N, the first ``limit``,
+    then shard ``"i/N"`` (0-based ``i``): every N-th subject from the i-th, so that the N shards
+    split the selection into disjoint, near-equal parts."""
     chosen = list(subjects)
     if cases:
         by_case = {s.case: s for s in subjects}
@@ -298,7 +301,23 @@ def select_subjects(
         chosen = [chosen[i] for i in picked]
     if limit is not None:
         chosen = chosen[:limit]
+    if shard is not None:
+        index, count = parse_shard(shard)
+        chosen = chosen[index::count]
     return chosen
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/N"`` -> (i, N) with 0 <= i < N; a clear error naming ``dataset.shard`` otherwise."""
+    try:
+        index, count = (int(part) for part in str(shard).split("/"))
+    except ValueError:
+        raise PapiDataError(
+            f"dataset.shard={shard!r}: expected 'i/N' (shard i of N, 0-based), e.g. 3/16"
+        ) from None
+    if not 0 <= index < count:
+        raise PapiDataError(f"dataset.shard={shard!r}: need 0 <= i < N")
+    return index, count
 
 
 def keyed(raw: np.ndarray, key: np.ndarray) -> np.ndarray:

@@ -49,10 +49,13 @@ class Answers:
 
 @dataclass
 class Artifact:
-    """What aligning on one subject produced. Subclasses add fields and extend :meth:`save`."""
+    """What aligning on one subject produced. Subclasses add fields and extend :meth:`save`.
+    ``history``: per-step training metrics (one dict per optimiser step) of methods that train,
+    sent to the run's logger."""
 
     case: int
     meta: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] | None = None
 
     def save(self, directory: Path) -> None:
         """Write the artifact into ``directory`` (created)."""

@@ -21,6 +21,7 @@ from palign.data.papi import Item, Subject
 from palign.eval.scoring import make_trainer
 from palign.methods.base import ConfigError
 from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
+from palign.progress import StepBar
 
 REJECTED = ("opposite", "all_others")
 
@@ -245,6 +246,7 @@ class DPO(LoraMethod):
             max_steps=self.steps,
             max_epochs=math.ceil(self.steps * accumulate / max(len(loader), 1)) + 1,
             accumulate_grad_batches=accumulate,
+            callbacks=[StepBar(self.steps, f"dpo case {subject.case}")],
         )
         self.peft_model.train()
         trainer.fit(module, loader)

@@ -35,7 +35,6 @@ class AdapterArtifact(Artifact):
     state: dict[str, torch.Tensor] | None = None
     model: str = ""
     lora: dict | None = None
-    history: list[dict] | None = None
 
     def save(self, directory: Path) -> None:
         import json
@@ -66,7 +65,7 @@ def adapter_applied(loaded, directory: str | Path):
     directory = Path(directory)
     if not (directory / "adapter.json").is_file():
         raise PASError(
-            f"adapter={directory}: no adapter.json (expected an artifacts/<case>/ folder of dpo or ppo)"
+            f"adapter={directory}: no adapter.json (expected an artifacts/<method>/<case>/ folder of dpo or ppo)"
         )
     info = json.loads((directory / "adapter.json").read_text())
     if info["model"] != loaded.name:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from palign.constants import TRAITS
 from palign.data.papi import Item, Subject
@@ -47,13 +48,19 @@ DIRECTIONS = ("mass_mean", "probe")
 
 @dataclass
 class PASArtifact(Artifact):
-    """A subject's :class:`PASProfile` (saved as ``profile.safetensors`` + ``profile.json``)."""
+    """A subject's :class:`PASProfile` (saved as ``profile.safetensors`` + ``profile.json``) and
+    the validation accuracy of every head's probe, ``head_accuracy`` (groups, layers, heads) with
+    groups 1 (pooled) or 5 (per trait, A..O; NaN where a trait had no labelled item), saved as
+    ``head_accuracy.npy``."""
 
     profile: PASProfile | None = None
+    head_accuracy: np.ndarray | None = None
 
     def save(self, directory: Path) -> None:
         super().save(directory)
         self.profile.save(directory / "profile")
+        if self.head_accuracy is not None:
+            np.save(directory / "head_accuracy.npy", self.head_accuracy)
 
 
 class PAS(Method):
@@ -128,9 +135,12 @@ class PAS(Method):
         y = np.where(np.repeat(high, 2), is_a, ~is_a) & labelled
         return y.astype(np.float32), labelled
 
-    def fit(self, subject: Subject, usable: np.ndarray, seed: int) -> tuple[PASProfile, float]:
+    def fit(
+        self, subject: Subject, usable: np.ndarray, seed: int
+    ) -> tuple[PASProfile, float, np.ndarray]:
         """Probe, rank and build directions from the items where ``usable`` (120,) is True;
-        returns the profile and the seconds spent on probes and directions."""
+        returns the profile, the seconds spent on probes and directions, and every head's probe
+        validation accuracy (groups, layers, heads), NaN for a group without labelled items."""
         raw = subject.answers([it.number for it in self.items])
         y, labelled = self._labels(np.where(usable, raw, 0))
         groups = (
@@ -184,6 +194,8 @@ class PAS(Method):
             parts["train_acc"].append(probes.train_acc[g, idx])
             parts["val_acc"].append(probes.val_acc[g, idx])
         tensors = {k: torch.cat(v).cpu() for k, v in parts.items()}
+        accuracy = probes.val_acc.float().cpu().numpy().reshape(len(groups), *self.layout.shape[:2])
+        accuracy[~mask.any(1)] = np.nan
         profile = PASProfile(
             model=self.context.scorer.loaded.name,
             shape=self.layout.shape,
@@ -199,7 +211,7 @@ class PAS(Method):
                 "labelled_items": int(labelled.sum() // 2),
             },
         )
-        return profile, probe_s
+        return profile, probe_s, accuracy
 
     # --- scoring under shifts ----------------------------------------------------------------
 
@@ -242,13 +254,16 @@ class PAS(Method):
             if self.selection == "alignment_items"
             else "ON THE TEST ITEMS (protocol=paper, as the reference code; optimistic)"
         )
-        return [
+        notes = [
             f"PAS: top {self.top_k} heads by {self.ranking} accuracy, {self.direction} "
             f"directions, {'per-trait' if self.per_trait else 'pooled'} intervention, "
             f"{'with' if self.with_context else 'without'} the few-shot context.",
             f"PAS alpha chosen from {self.alphas} {where}; chosen alpha (subjects): {chosen}.",
-            f"Head activations computed once in {self.activation_s:.1f} s (0 when cached).",
         ]
+        if rows:
+            seconds = rows[0]["timing"]["activations_s_amortised"]
+            notes.append(f"Head activations computed once in {seconds:.1f} s (0 when cached).")
+        return notes
 
     # --- the Method interface ----------------------------------------------------------------
 
@@ -265,9 +280,12 @@ class PAS(Method):
             fold_of = np.empty(len(self.items), dtype=int)
             fold_of[rng.permutation(len(self.items))] = np.arange(len(self.items)) % self.folds
             predictions = np.zeros((len(self.alphas), len(self.items)), dtype=np.int64)
-            for f in range(self.folds):
+            folds = tqdm(
+                range(self.folds), desc=f"pas case {subject.case} alpha search", leave=False
+            )
+            for f in folds:
                 usable = fold_of != f
-                profile, seconds = self.fit(subject, usable, seed=self.seed + 101 * (f + 1))
+                profile, seconds, _ = self.fit(subject, usable, seed=self.seed + 101 * (f + 1))
                 probe_s += seconds
                 held = [it for it, u in zip(self.items, usable) if not u]
                 answers = self.score_alphas(
@@ -277,9 +295,10 @@ class PAS(Method):
             target = subject.answers([it.number for it in self.items])
             alpha, scores = self._best_alpha(predictions, target, self.items)
             meta["alpha_scores"] = dict(zip(map(str, self.alphas), scores))
+            meta["selection_score"] = scores[self.alphas.index(alpha)]
             meta["folds"] = self.folds
         search_s = time.perf_counter() - start - probe_s
-        profile, seconds = self.fit(subject, everything, seed=self.seed)
+        profile, seconds, accuracy = self.fit(subject, everything, seed=self.seed)
         probe_s += seconds
         profile.alpha = alpha
         profile.meta.update(meta)
@@ -289,7 +308,10 @@ class PAS(Method):
             "activations_s_amortised": self.activation_s,
         }
         return PASArtifact(
-            case=subject.case, profile=profile, meta={"alpha": alpha, **meta, "timing": timing}
+            case=subject.case,
+            profile=profile,
+            head_accuracy=accuracy,
+            meta={"alpha": alpha, **meta, "timing": timing},
         )
 
     def answer(self, subject: Subject, artifact: PASArtifact, items: Sequence[Item]) -> Answers:

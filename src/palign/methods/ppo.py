@@ -21,6 +21,7 @@ from torch import nn
 from palign.data.papi import Item, Subject
 from palign.eval.scoring import eos_ids, make_trainer, parse_answer
 from palign.methods.lora import AdapterArtifact, LoraMethod
+from palign.progress import StepBar
 
 UNPARSED_REWARD = -6.0
 
@@ -256,6 +257,7 @@ class PPO(LoraMethod):
             **self.trainer_kwargs,
             max_steps=self.steps,
             max_epochs=1,
+            callbacks=[StepBar(self.steps, f"ppo case {subject.case}")],
         )
         trainer.fit(module, batches)
         self.peft_model.eval()
