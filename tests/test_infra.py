@@ -1,0 +1,242 @@
+"""Experiment infrastructure: multirun sweep table, loggers (offline W&B read back, TensorBoard,
+CSV), resume after a killed run, shards through the submitit launcher and their merge, Optuna."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf, open_dict
+
+from palign.data.papi import PapiDataError, select_subjects
+from palign.merge import merge
+from palign.methods.base import ConfigError
+from palign.run import objective, run
+from palign.tracking import RunTracker
+from wandb_records import read_wandb_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("model=tiny_llama", "hardware=cpu")
+
+
+def palign(*args: str, module: str = "palign", timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` from the repo root; fails the test with its output if it
+    fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _scores(summary: dict) -> dict:
+    """What must not depend on how a run was executed (not timings), flat: subject count,
+    per-trait MAE, Score, UNK rate, the baselines' Scores."""
+    return {
+        "n_subjects": summary["n_subjects"],
+        **{f"mae_{t}": v for t, v in summary["mae"].items()},
+        "score": summary["score"],
+        "unk_rate": summary["unk_rate"],
+        **{f"{name}_score": b["score"] for name, b in summary["baselines"].items()},
+    }
+
+
+def test_shards_split_the_selection(papi):
+    full = select_subjects(papi.subjects, limit=10)
+    parts = [select_subjects(papi.subjects, limit=10, shard=f"{i}/3") for i in range(3)]
+    assert [len(p) for p in parts] == [4, 3, 3]
+    assert sorted(s.case for p in parts for s in p) == sorted(s.case for s in full)
+    for bad in ("3/3", "1-3", "x/2"):
+        with pytest.raises(PapiDataError, match="dataset.shard"):
+            select_subjects(papi.subjects, shard=bad)
+
+
+def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    palign(
+        "-m", *TINY, "method=no_change,trait_mean", "dataset.limit=2", f"hydra.sweep.dir={sweep}"
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0_no_change_tiny_llama", "1_trait_mean_tiny_llama"]
+    summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in jobs]
+    table = (sweep / "sweep_table.md").read_text()
+    import csv
+
+    with open(sweep / "sweep_table.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_method = {r["method"]: r for r in rows}
+    for job, summary in zip(jobs, summaries):
+        row = by_method[summary["method"]]
+        assert row["job"] == job and float(row["score"]) == pytest.approx(summary["score"])
+        assert f"method={summary['method']}" in row["overrides"]
+        assert f"| {job} |" in table
+    assert float(by_method["item_mean (no LLM)"]["score"]) == pytest.approx(
+        summaries[0]["baselines"]["item_mean"]["score"]
+    )
+
+
+def test_offline_wandb_run_is_read_back_from_its_run_dir(cfg_factory, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = cfg_factory(*TINY, "method=few_shot", "dataset.limit=2", "logger=wandb")
+    summary = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    logged = read_wandb_run(out)
+    assert logged["run"]["group"] == "eval" and logged["run"]["project"] == "palign"
+    assert {"few_shot", "tiny_llama", "clean"} <= set(logged["run"]["tags"])
+    assert logged["summary"]["summary/few_shot/score"] == pytest.approx(summary["score"])
+    assert logged["summary"]["summary/item_mean/score"] == pytest.approx(
+        summary["baselines"]["item_mean"]["score"]
+    )
+    per_subject = [h["few_shot/score"] for h in logged["history"] if "few_shot/score" in h]
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert per_subject == pytest.approx([r["score"] for r in rows])
+    files = {name for files in logged["artifacts"].values() for name in files}
+    assert {"report.md", "summary.json", "results.jsonl", "subjects.table.json"} <= files
+    assert logged["exit_code"] == 0
+
+
+def test_wandb_run_is_finished_as_failed_after_an_error(cfg_factory, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = cfg_factory(*TINY, "logger=wandb", "logger.name=failing")
+    Path(cfg.paths.output_dir).mkdir(parents=True)
+    tracker = RunTracker.from_config(cfg, "few_shot")
+    row = {
+        "method": "few_shot",
+        "case": 1,
+        "mae": dict.fromkeys("ACENO", 1.0),
+        "score": 5.0,
+        "unk_rate": 0.0,
+        "timing": {"align_s": 0.0, "eval_s": 1.0},
+    }
+    tracker.subject(row, history=[{"loss": 0.7}, {"loss": 0.5}])
+    tracker.close(ok=False)
+    logged = read_wandb_run(Path(cfg.paths.output_dir))
+    assert logged["exit_code"] == 1 and logged["run"]["display_name"] == "failing"
+    assert [h["few_shot/train/loss"] for h in logged["history"][:2]] == [0.7, 0.5]
+    assert [h["_step"] for h in logged["history"]] == [0, 1, 2]
+
+
+def test_tensorboard_logger_records_per_subject_scores(cfg_factory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = cfg_factory(*TINY, "method=no_change", "dataset.limit=2", "logger=tensorboard")
+    summary = run(cfg)
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    scores = [e.value for e in events.Scalars("no_change/score")]
+    rows = [json.loads(x) for x in (Path(cfg.paths.output_dir) / "results.jsonl").open()]
+    assert scores == pytest.approx([r["score"] for r in rows], abs=1e-6)
+    assert events.Scalars("summary/no_change/score")[0].value == pytest.approx(summary["score"])
+
+
+def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path):
+    out = tmp_path / "killed"
+    args = [*TINY, "method=few_shot", "dataset.limit=4", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "palign", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    rows_dir = out / "results" / "few_shot"
+    deadline = time.time() + 300
+    while not list(rows_dir.glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
+    assert 1 <= len(before) < 4, "the run was not killed mid-way"
+    assert not (out / "summary.json").exists()
+
+    resumed = palign(*args, f"resume={out}")
+    assert f"{len(before)} finished subject(s) found" in resumed.stdout + resumed.stderr
+    assert {p.name: p.read_text() for p in rows_dir.glob("*.json") if p.name in before} == before
+    summary = json.loads((out / "summary.json").read_text())
+
+    fresh = run(cfg_factory(*TINY, "method=few_shot", "dataset.limit=4"))
+    assert summary["cases"] == fresh["cases"]
+    assert _scores(summary) == pytest.approx(_scores(fresh))
+
+
+def test_resume_refuses_another_config_and_unknown_dirs(cfg_factory, tmp_path):
+    cfg = cfg_factory(*TINY, "method=no_change", "dataset.limit=1")
+    run(cfg)
+    out = cfg.paths.output_dir
+    with pytest.raises(ConfigError, match="already holds results"):
+        run(cfg)
+    other = cfg_factory(*TINY, "method=no_change", "dataset.limit=2", f"resume={out}")
+    with open_dict(other):
+        other.paths.output_dir = out
+    with pytest.raises(ConfigError, match="differs .* at dataset.limit"):
+        run(other)
+    missing = cfg_factory(*TINY, "method=no_change", f"resume={tmp_path}/nothing")
+    with pytest.raises(ConfigError, match="no palign run"):
+        run(missing)
+
+
+def test_shards_through_submitit_merge_to_the_unsharded_summary(cfg_factory, tmp_path):
+    sweep = tmp_path / "shards"
+    palign(
+        "-m",
+        "hydra/launcher=submitit_local",
+        *TINY,
+        "method=no_change",
+        "dataset.limit=3",
+        "dataset.shard=0/2,1/2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    shards = sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file())
+    assert [json.loads((p / "summary.json").read_text())["n_subjects"] for p in shards] == [2, 1]
+    assert list(sweep.glob(".submitit/*/*_result.pkl")), "not run through submitit"
+    with pytest.raises(ConfigError, match="in no shard's results"):
+        merge(shards[:1], tmp_path / "partial")
+    merged = merge(shards, tmp_path / "merged")
+    whole = run(cfg_factory(*TINY, "method=no_change", "dataset.limit=3"))
+    assert merged["cases"] == whole["cases"]
+    assert _scores(merged) == pytest.approx(_scores(whole))
+    assert (tmp_path / "merged" / "report.md").is_file()
+
+
+def test_optuna_sweep_minimises_the_selection_score(tmp_path):
+    sweep = tmp_path / "optuna"
+    palign(
+        "-m",
+        "hparams_search=pas_optuna",
+        *TINY,
+        "dataset.sample=1",
+        "method.folds=2",
+        "method.top_k=choice(2,4)",
+        'method.layers=choice("null","[0,1]")',
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(trials) == 2
+    assert result["best_value"] == pytest.approx(min(t["selection_score"] for t in trials))
+    for trial in trials:
+        assert trial["protocol"]["name"] == "clean" and trial["selection_score"] is not None
+    assert "selection_score" in (sweep / "sweep_table.md").read_text()
+
+
+def test_objective_refuses_test_scores_and_test_item_selection(cfg_factory):
+    cfg = cfg_factory(*TINY, "method=pas", "optimized_metric=score")
+    with pytest.raises(ConfigError, match="leak the test items"):
+        objective(cfg, {"score": 1.0})
+    cfg = cfg_factory(*TINY, "method=pas", "protocol=paper", "optimized_metric=selection_score")
+    paper = {"selection_score": None, "method": "pas", "protocol": {"name": "paper"}}
+    with pytest.raises(ConfigError, match="needs protocol=clean"):
+        objective(cfg, paper)
+    assert objective(OmegaConf.create({"optimized_metric": None}), paper) is None
