@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The selected subjects as a SLURM array of N shards, then a merge job once all succeeded:
+#   launchers/slurm_shards.sh [--dry-run] OUT_DIR N_SHARDS [palign overrides...]
+# e.g. launchers/slurm_shards.sh outputs/pas_8b 16 method=pas model=llama3_8b hardware=gpu
+# Resources from the environment: PALIGN_SLURM_PARTITION (gpu), PALIGN_SLURM_ACCOUNT,
+# PALIGN_SLURM_GPUS (1), PALIGN_SLURM_CPUS (8), PALIGN_SLURM_MEM (64G), PALIGN_SLURM_TIME
+# (04:00:00). Array tasks are requeueable and resume their shard dir; a re-submission of the
+# same command continues where the last one stopped. --dry-run prints the sbatch commands.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ ${1:-} == --dry-run ]] && { DRY=1; shift; }
+OUT=$1 N=$2
+shift 2
+PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
+ACCOUNT=${PALIGN_SLURM_ACCOUNT:+--account=$PALIGN_SLURM_ACCOUNT}
+COMMON=(--partition="${PALIGN_SLURM_PARTITION:-gpu}" ${ACCOUNT:+"$ACCOUNT"})
+SHARD=("${COMMON[@]}" --array="0-$((N - 1))" --requeue --job-name=palign-shard
+  --gres="gpu:${PALIGN_SLURM_GPUS:-1}" --cpus-per-task="${PALIGN_SLURM_CPUS:-8}"
+  --mem="${PALIGN_SLURM_MEM:-64G}" --time="${PALIGN_SLURM_TIME:-04:00:00}"
+  --output="$OUT/logs/shard-%a.out")
+ARGS=$(printf ' %q' "$@")
+SHARD_CMD="PY=$PY launchers/shard_job.sh $OUT \$SLURM_ARRAY_TASK_ID $N$ARGS"
+MERGE=("${COMMON[@]}" --job-name=palign-merge --cpus-per-task=2 --mem=16G --time=00:30:00
+  --output="$OUT/logs/merge.out")
+MERGE_CMD="$PY -m palign.merge --out $OUT/merged $OUT/shards/*"
+if (( DRY )); then
+  printf 'sbatch --parsable'; printf ' %q' "${SHARD[@]}" "--wrap=$SHARD_CMD"; echo
+  printf 'sbatch --dependency=afterok:<array job id>'; printf ' %q' "${MERGE[@]}" "--wrap=$MERGE_CMD"; echo
+  exit 0
+fi
+mkdir -p "$OUT/logs"
+JOB=$(sbatch --parsable "${SHARD[@]}" --wrap="$SHARD_CMD")
+MERGE_JOB=$(sbatch --parsable --dependency="afterok:$JOB" "${MERGE[@]}" --wrap="$MERGE_CMD")
+echo "submitted shards: array job $JOB (0-$((N - 1))), merge: job $MERGE_JOB -> $OUT/merged"
