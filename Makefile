@@ -9,10 +9,10 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.palign-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast lint clean
+.PHONY: help setup demo reproduce reproduce-smoke test test-fast lint clean
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,31 @@ setup: $(STAMP) ## Create .venv and install palign, its dependencies and the emb
 
 demo: setup ## CPU demo: few_shot on the embedded model (3 subjects) beside the statistical baselines
 	$(PY) -m palign experiment=demo
+
+# Table 1 under both protocols: MODEL (a conf/model name), N subjects (a seeded sample; default:
+# the experiment's), REPRO_OUT (run dirs paper/ and clean/, table.md, table.csv, plots/).
+MODEL ?= smollm2_135m
+N ?=
+# reproduce (CPU) for the embedded model, reproduce_smoke for the tiny random one (8 heads: PAS
+# keeps 4), reproduce_gpu for every other model.
+REPRO_EXP = $(if $(filter smollm2_135m,$(MODEL)),reproduce,$(if $(filter tiny_llama,$(MODEL)),reproduce_smoke,reproduce_gpu))
+
+# $(call reproduce_steps,<experiment and overrides>): both protocols into $(REPRO_OUT), then the
+# table and plots. A run dir already there is resumed (finished subjects are kept); after
+# changing MODEL or N, remove $(REPRO_OUT) first (palign says so when the configs differ).
+define reproduce_steps
+$(PY) -m palign $(1) $(if $(N),dataset.sample=$(N)) protocol=paper hydra.run.dir=$(REPRO_OUT)/paper $(if $(wildcard $(REPRO_OUT)/paper/config.yaml),resume=$(REPRO_OUT)/paper)
+$(PY) -m palign $(1) $(if $(N),dataset.sample=$(N)) protocol=clean hydra.run.dir=$(REPRO_OUT)/clean $(if $(wildcard $(REPRO_OUT)/clean/config.yaml),resume=$(REPRO_OUT)/clean)
+$(PY) -m palign.reproduce --out $(REPRO_OUT) $(REPRO_OUT)/paper $(REPRO_OUT)/clean
+endef
+
+reproduce: REPRO_OUT ?= outputs/reproduce
+reproduce: setup ## Table 1 with palign's numbers and plots, both protocols (MODEL=smollm2_135m N=<subjects>)
+	$(call reproduce_steps,experiment=$(REPRO_EXP) model=$(MODEL))
+
+reproduce-smoke: REPRO_OUT ?= outputs/reproduce_smoke
+reproduce-smoke: setup ## The reproduce pipeline in 1-2 min on the tiny random model (numbers meaningless)
+	$(call reproduce_steps,experiment=reproduce_smoke)
 
 test: setup ## Run the whole test suite (includes the embedded-model integration tests)
 	$(PY) -m pytest

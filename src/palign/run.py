@@ -69,16 +69,23 @@ def evaluate_subject(
     return row, artifact
 
 
-def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
-    """Aggregated results of every statistical baseline on ``subjects``."""
+def baseline_rows(data: PapiData, subjects: Sequence[Subject]) -> dict[str, list[dict]]:
+    """Per-subject result rows of every statistical baseline on ``subjects``."""
     out = {}
     for cls in BASELINES:
         baseline = cls()
         baseline.setup(MethodContext(data))
-        rows = [evaluate_subject(baseline, s, data.inventory)[0] for s in subjects]
+        out[baseline.name] = [evaluate_subject(baseline, s, data.inventory)[0] for s in subjects]
+    return out
+
+
+def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
+    """Aggregated results of every statistical baseline on ``subjects``."""
+    out = {}
+    for name, rows in baseline_rows(data, subjects).items():
         entry = aggregate(rows)
         entry.pop("timing", None)
-        out[baseline.name] = entry
+        out[name] = entry
     return out
 
 

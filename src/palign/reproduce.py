@@ -1,0 +1,498 @@
+"""The paper's Table 1 beside palign's numbers, from finished runs (one per protocol).
+
+``python -m palign.reproduce --out DIR RUN_DIR [RUN_DIR ...]`` reads each run dir
+(``summary.json``, ``results.jsonl``, ``compare/<method>.jsonl``, PAS's
+``artifacts/**/head_accuracy.npy``) and writes into DIR:
+
+- ``table.md``: per run, what was run and a table of every LLM method and statistical baseline
+  (per-trait MAE, Score, UNK), with the paper's published numbers where the run's model is one of
+  the paper's; then the paper's Table 1 as published (:mod:`palign.published`).
+- ``table.csv``: the same numbers at full precision, one row per run and method.
+- ``plots/trait_errors_<protocol>.png``: per-trait MAE per method, error bars = standard error
+  over subjects; ``plots/pas_alpha_<protocol>.png``: PAS Score against alpha per subject and
+  their mean; ``plots/head_accuracy_<protocol>.png``: mean probe validation accuracy per head
+  (matplotlib figures rendered by Agg, without pyplot).
+
+The baselines' per-subject rows are not stored by a run (only their means in ``summary.json``):
+they are recomputed from the PAPI files for the error bars, and checked against those means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from omegaconf import OmegaConf
+
+from palign.constants import TRAITS
+from palign.data.papi import PapiDataError, load_papi
+from palign.eval.metrics import mean_mae
+from palign.published import PAPER_METHOD, PAPER_MODEL, TABLE1, Published, published
+
+#: Paper's training steps per subject for DPO and PPO (250), shown beside palign's.
+PAPER_STEPS = 250
+ALPHA_KEYS = {
+    "alpha_scores": "Score on the subject's own 120 alignment items (k-fold, held-out)",
+    "alpha_scores_on_test_items": "Score on the 180 test items",
+}
+
+#: Keys of ``summary.json`` this module reads.
+SUMMARY_KEYS = (
+    "method",
+    "model",
+    "protocol",
+    "n_test_items",
+    "cases",
+    "mae",
+    "score",
+    "unk_rate",
+    "baselines",
+)
+
+
+class ReproduceError(Exception):
+    """A run dir that cannot be read; the message names the file."""
+
+
+@dataclass
+class MethodResult:
+    """One method of a run: its aggregate from ``summary.json`` (``n_subjects``, ``mae`` per
+    trait, ``score``, ``unk_rate``) and its per-subject rows."""
+
+    name: str
+    uses_llm: bool
+    entry: dict
+    rows: list[dict]
+
+    @property
+    def steps(self) -> int | None:
+        """Training steps per subject recorded by DPO/PPO (``align_info.steps``), else None."""
+        steps = {r["align_info"]["steps"] for r in self.rows if "steps" in r.get("align_info", {})}
+        return steps.pop() if len(steps) == 1 else None
+
+    @property
+    def label(self) -> str:
+        if not self.uses_llm:
+            return f"{self.name} (no LLM)"
+        return f"{self.name} ({self.steps} steps)" if self.steps is not None else self.name
+
+
+@dataclass
+class Run:
+    """A finished run dir: its ``summary.json`` and every method's results."""
+
+    path: Path
+    summary: dict
+    methods: list[MethodResult]
+
+    @property
+    def protocol(self) -> str:
+        return self.summary["protocol"]["name"]
+
+    @property
+    def paper_model(self) -> str | None:
+        return PAPER_MODEL.get(self.summary["model"])
+
+    def method(self, name: str) -> MethodResult | None:
+        return next((m for m in self.methods if m.name == name and m.uses_llm), None)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ReproduceError(f"{path}: missing (is {path.parent} a finished palign run dir?)")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ReproduceError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ReproduceError(f"{path}: missing (per-subject rows of a method in summary.json)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            raise ReproduceError(f"{path}: line {number} is not valid JSON ({e})") from None
+    return rows
+
+
+def baseline_rows(path: Path, summary: dict) -> dict[str, list[dict]]:
+    """Per-subject rows of every statistical baseline on the run's subjects, recomputed from the
+    PAPI files (``dataset.root`` and coding of the run), checked against ``summary.json``."""
+    from palign.run import baseline_rows as compute  # imports Lightning: only when a run is read
+
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise ReproduceError(f"{config}: missing (is {path} a finished palign run dir?)")
+    root = OmegaConf.load(config).dataset.root
+    data = load_papi(root, coding=summary["protocol"]["coding"])
+    by_case = {s.case: s for s in data.subjects}
+    unknown = [c for c in summary["cases"] if c not in by_case]
+    if unknown:
+        raise ReproduceError(f"{path / 'summary.json'}: case(s) {unknown} are not in the PAPI data")
+    out = compute(data, [by_case[c] for c in summary["cases"]])
+    for name, rows in out.items():
+        stored = summary["baselines"][name]["score"]
+        again = float(sum(mean_mae([r["mae"] for r in rows]).values()))
+        if not math.isclose(stored, again, rel_tol=1e-9):
+            raise ReproduceError(
+                f"{path / 'summary.json'}: baseline {name} recomputed from the PAPI "
+                f"files scores {again:.6f}, the run stored {stored:.6f} (other data files?)"
+            )
+    return out
+
+
+def load_run(path: Path) -> Run:
+    """Read a run dir; :class:`ReproduceError` names the file that is missing or corrupt."""
+    summary_path = path / "summary.json"
+    summary = _read_json(summary_path)
+    if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
+        raise ReproduceError(
+            f"{summary_path}: not a palign summary (needs the keys {', '.join(SUMMARY_KEYS)})"
+        )
+    baselines = baseline_rows(path, summary)
+    llm = summary["model"] != "none (no LLM)"
+    methods = [MethodResult(summary["method"], llm, summary, _read_rows(path / "results.jsonl"))]
+    for name, entry in summary.get("compare", {}).items():
+        methods.append(
+            MethodResult(name, llm, entry, _read_rows(path / "compare" / f"{name}.jsonl"))
+        )
+    for name, entry in summary["baselines"].items():
+        if name != summary["method"]:
+            methods.append(MethodResult(name, False, entry, baselines[name]))
+    return Run(path, summary, methods)
+
+
+# --- numbers ---------------------------------------------------------------------------------
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of the finite ``values`` (std with ddof 1 / sqrt(n)); NaN for
+    fewer than two."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _paper(run: Run, m: MethodResult) -> Published | None:
+    return published(run.summary["model"], m.name) if m.uses_llm else None
+
+
+# --- table.md --------------------------------------------------------------------------------
+
+
+def _section(run: Run) -> str:
+    s, p = run.summary, run.summary["protocol"]
+    lines = [
+        f"## protocol={run.protocol}: {s['method']} and the other methods on {s['model']}",
+        "",
+        f"- Run dir: `{run.path}`",
+    ]
+    if run.paper_model:
+        lines.append(
+            f"- Model: `{s['model']}` = the paper's {run.paper_model}. Cells marked *paper* and "
+            "the *paper Score* column are the paper's published Table 1 (its own protocol), "
+            "not palign's."
+        )
+    else:
+        lines.append(
+            f"- Model: `{s['model']}`. **The paper has no numbers for this model**; its "
+            "Llama-3-8B-Instruct numbers are listed below for reference (see *The paper's "
+            "Table 1*)."
+        )
+    lines += [
+        f"- Protocol: `{p['name']}` (coding `{p['coding']}`, scoring `{p['scoring']}`), "
+        f"{s['n_test_items']} test items per subject.",
+        f"- Subjects ({len(s['cases'])}): {', '.join(map(str, s['cases']))}.",
+    ]
+    steps = [f"{m.name} {m.steps}" for m in run.methods if m.steps is not None]
+    if steps:
+        lines.append(
+            f"- Training steps per subject: {', '.join(steps)} (the paper: {PAPER_STEPS})."
+        )
+    pas = run.method("pas")
+    if pas is not None:
+        where = sorted({r["align_info"]["alpha_selected_on"] for r in pas.rows})
+        chosen = ", ".join(f"{r['align_info']['alpha']:g}" for r in pas.rows)
+        lines.append(
+            f"- PAS alpha selected on: {' / '.join(where).replace('_', ' ')}; chosen per subject: "
+            f"{chosen}."
+        )
+    lines += [f"- Note (summary.json): {note}" for note in s.get("notes", [])]
+    cols = ["method", "subjects", *TRAITS, "Score", "UNK"]
+    if run.paper_model:
+        cols.append("paper Score")
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for m in run.methods:
+        paper = _paper(run, m)
+        traits = [_fmt(m.entry["mae"][t]) for t in TRAITS]
+        if paper is not None and paper.mae is not None:
+            traits = [f"{c} (*paper* {paper.mae[t]:.2f})" for c, t in zip(traits, TRAITS)]
+        cells = [
+            m.label,
+            str(m.entry["n_subjects"]),
+            *traits,
+            f"**{_fmt(m.entry['score'])}**",
+            f"{100 * m.entry['unk_rate']:.1f}%",
+        ]
+        if run.paper_model:
+            cells.append(f"{paper.score:.2f}" if paper is not None else "")
+        table.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
+
+
+def _published_section() -> str:
+    cols = ["paper model", "paper method", *TRAITS, "Score", "palign method"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for model, methods in TABLE1.items():
+        for method, numbers in methods.items():
+            traits = [f"{numbers.mae[t]:.2f}" if numbers.mae else "" for t in TRAITS]
+            ours = [k for k, v in PAPER_METHOD.items() if v == method]
+            cells = [model, method, *traits, f"{numbers.score:.2f}", ", ".join(ours)]
+            lines.append("| " + " | ".join(cells) + " |")
+    models = ", ".join(f"`{k}` = {v}" for k, v in PAPER_MODEL.items())
+    return (
+        "## The paper's Table 1 (published numbers, not palign's)\n\n"
+        "Per-trait MAE and Score as printed in the paper, under its own protocol (which "
+        "`protocol=paper` follows); per-trait values are given only where listed. palign's "
+        f"model configs for the paper's models: {models}.\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def table_markdown(runs: Sequence[Run]) -> str:
+    """``table.md``: one section per run, then the paper's published numbers."""
+    head = (
+        "# Table 1 of *Personality Alignment of Large Language Models* (ICLR 2025) with palign\n\n"
+        "Per-trait mean absolute error on the 1..5 scale over the test items, mean over "
+        "subjects; Score = sum of the five (lower is better); UNK = share of answers that "
+        "could not be parsed (left out of the MAE; n/a = no parsed answer). Unmarked numbers "
+        "are palign's, from the run dirs named; numbers marked *paper* are the paper's.\n\n"
+        "**PAS alpha:** `protocol=paper` selects PAS's alpha ON THE TEST ITEMS, as the paper's "
+        "reference code does (optimistic); `protocol=clean` selects it by k-fold on each "
+        "subject's own 120 alignment items and never reads the test items.\n"
+    )
+    return "\n".join([head, *map(_section, runs), _published_section()])
+
+
+# --- table.csv -------------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    ["protocol", "coding", "scoring", "model", "method", "uses_llm", "steps", "n_subjects"]
+    + [f"mae_{t}" for t in TRAITS]
+    + ["score", "unk_rate", "paper_model", "paper_method"]
+    + [f"paper_mae_{t}" for t in TRAITS]
+    + ["paper_score", "run_dir"]
+)
+
+
+def write_csv(runs: Sequence[Run], path: Path) -> None:
+    """``table.csv``: one row per run and method, floats at full precision (NaN as ``nan``);
+    the paper's numbers in the ``paper_*`` columns where known, else empty."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        for run in runs:
+            p = run.summary["protocol"]
+            for m in run.methods:
+                paper = _paper(run, m)
+                row = {
+                    "protocol": p["name"],
+                    "coding": p["coding"],
+                    "scoring": p["scoring"],
+                    "model": run.summary["model"],
+                    "method": m.name,
+                    "uses_llm": m.uses_llm,
+                    "steps": m.steps if m.steps is not None else "",
+                    "n_subjects": m.entry["n_subjects"],
+                    **{f"mae_{t}": m.entry["mae"][t] for t in TRAITS},
+                    "score": m.entry["score"],
+                    "unk_rate": m.entry["unk_rate"],
+                    "run_dir": str(run.path),
+                }
+                if paper is not None:
+                    row["paper_model"] = run.paper_model
+                    row["paper_method"] = PAPER_METHOD[m.name]
+                    row["paper_score"] = paper.score
+                    for t in TRAITS:
+                        row[f"paper_mae_{t}"] = paper.mae[t] if paper.mae else ""
+                writer.writerow(row)
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def _title(run: Run, what: str) -> str:
+    s = run.summary
+    return f"{what}\n{s['model']}, protocol={run.protocol}, {len(s['cases'])} subject(s)"
+
+
+def plot_trait_errors(run: Run, path: Path) -> None:
+    """Grouped bars: per-trait MAE (summary.json's means) per method, error bars the standard
+    error over subjects; the paper's PAS per-trait MAE as markers where known."""
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(TRAITS))
+    width = 0.8 / len(run.methods)
+    colors = [f"C{i % 10}" for i in range(len(run.methods))]
+    for i, (m, color) in enumerate(zip(run.methods, colors)):
+        pos = x - 0.4 + width * (i + 0.5)
+        heights = [m.entry["mae"][t] for t in TRAITS]
+        missing = " (n/a: no parsed answer)" if not np.isfinite(heights).any() else ""
+        errors = [standard_error([r["mae"][t] for r in m.rows]) for t in TRAITS]
+        ax.bar(
+            pos,
+            heights,
+            width,
+            yerr=np.nan_to_num(errors),
+            capsize=2,
+            color=color,
+            hatch=None if m.uses_llm else "//",
+            edgecolor="white" if m.uses_llm else "black",
+            label=m.label + missing,
+        )
+        paper = _paper(run, m)
+        if paper is not None and paper.mae is not None:
+            ax.plot(pos, [paper.mae[t] for t in TRAITS], "kD", label=f"{m.name}: paper's Table 1")
+    ax.set_xticks(x, TRAITS)
+    ax.set_xlabel("trait")
+    ax.set_ylabel("MAE (1..5 scale; lower is better)")
+    ax.set_title(_title(run, "Per-trait MAE per method (error bars: standard error over subjects)"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def plot_pas_alpha(run: Run, path: Path) -> bool:
+    """PAS Score against alpha: one thin line per subject, their mean thick. False (nothing
+    written) when the run has no PAS rows with alpha scores."""
+    pas = run.method("pas")
+    infos = [r.get("align_info", {}) for r in pas.rows] if pas is not None else []
+    key = next((k for k in ALPHA_KEYS if infos and all(k in i for i in infos)), None)
+    if key is None:
+        return False
+    alphas = sorted(float(a) for a in infos[0][key])
+    scores = np.array([[i[key][str(a)] for a in alphas] for i in infos], dtype=np.float64)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for line in scores:
+        ax.plot(alphas, line, color="0.6", lw=0.8, alpha=0.7)
+    finite = np.isfinite(scores)
+    mean = np.where(
+        finite.any(0), np.where(finite, scores, 0).sum(0) / np.maximum(finite.sum(0), 1), np.nan
+    )
+    ax.plot(alphas, mean, "o-", color="C3", lw=2.5, label=f"mean of {len(scores)} subject(s)")
+    ax.plot([], [], color="0.6", lw=0.8, label="one subject")
+    if not finite.any():
+        ax.text(
+            0.5,
+            0.5,
+            "no finite score: every answer unparsed",
+            transform=ax.transAxes,
+            ha="center",
+        )
+    ax.set_xticks(alphas)
+    ax.set_xlabel("alpha (shift in units of sigma)")
+    ax.set_ylabel(ALPHA_KEYS[key] + "\n(lower is better)", fontsize="small")
+    ax.set_title(_title(run, "PAS Score against alpha"))
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_head_accuracy(run: Run, path: Path) -> bool:
+    """Heatmap layers x heads of the probe validation accuracy (``head_accuracy.npy``, (groups,
+    layers, heads)), mean over groups (NaN groups left out) then over subjects. False (nothing
+    written) when the run dir holds no such file."""
+    files = sorted(run.path.glob("artifacts/**/head_accuracy.npy"))
+    if not files:
+        return False
+    arrays = [np.load(f) for f in files]
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1:
+        raise ReproduceError(f"{run.path / 'artifacts'}: head_accuracy.npy shapes differ: {shapes}")
+    per_subject = np.stack(
+        [np.where(np.isfinite(a), a, 0).sum(0) / np.isfinite(a).sum(0) for a in arrays]
+    )
+    accuracy = per_subject.mean(0)
+    fig = Figure(figsize=(max(8, 0.35 * accuracy.shape[1] + 2), 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(accuracy, origin="lower", aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="probe validation accuracy")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(_title(run, "PAS probe accuracy per head (validation, subject mean)"))
+    fig.savefig(path, dpi=120)
+    return True
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def reproduce(run_dirs: Sequence[Path], out: Path) -> list[Path]:
+    """Read the run dirs (one per protocol), write ``table.md``, ``table.csv`` and the plots into
+    ``out``; returns the paths written."""
+    runs = [load_run(Path(d)) for d in run_dirs]
+    protocols = [r.protocol for r in runs]
+    for protocol in set(protocols):
+        same = [str(r.path) for r in runs if r.protocol == protocol]
+        if len(same) > 1:
+            raise ReproduceError(
+                f"{' and '.join(same)} are both protocol={protocol}: pass one each"
+            )
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = [out / "table.md", out / "table.csv"]
+    (out / "table.md").write_text(table_markdown(runs))
+    write_csv(runs, out / "table.csv")
+    for run in runs:
+        path = plots / f"trait_errors_{run.protocol}.png"
+        plot_trait_errors(run, path)
+        written.append(path)
+        path = plots / f"pas_alpha_{run.protocol}.png"
+        if plot_pas_alpha(run, path):
+            written.append(path)
+        else:
+            print(f"{run.path}: PAS was not run (no alpha scores); no {path.name}")
+        path = plots / f"head_accuracy_{run.protocol}.png"
+        if plot_head_accuracy(run, path):
+            written.append(path)
+        else:
+            print(f"{run.path}: no artifacts/**/head_accuracy.npy (PAS); no {path.name}")
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m palign.reproduce",
+        description="The paper's Table 1 beside palign's numbers from finished runs "
+        "(one run dir per protocol): table.md, table.csv and plots/ in --out.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run dirs of `python -m palign`")
+    args = parser.parse_args(argv)
+    try:
+        written = reproduce(args.run_dirs, args.out)
+    except (ReproduceError, PapiDataError) as e:
+        sys.exit(f"palign.reproduce: error: {e}")
+    print(f"Wrote {len(written)} files to {args.out}:")
+    print("\n".join(f"  {p}" for p in written))
+
+
+if __name__ == "__main__":
+    main()

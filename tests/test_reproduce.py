@@ -1,0 +1,208 @@
+"""`make reproduce-smoke` end to end (tiny_llama, both protocols), the table/CSV writer and its
+errors. One smoke run per module; the other tests read its run dirs."""
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from palign.data import select_subjects
+from palign.reproduce import ReproduceError, reproduce, standard_error
+
+REPO = Path(__file__).resolve().parents[1]
+PROTOCOLS = ("paper", "clean")
+TRAITS = ("A", "C", "E", "N", "O")
+LLM_ROWS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo (2 steps)", "ppo (2 steps)")
+BASELINE_ROWS = ("constant (no LLM)", "trait_mean (no LLM)", "item_mean (no LLM)")
+PLOTS = ("trait_errors", "pas_alpha", "head_accuracy")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """``make reproduce-smoke`` into a fresh folder, with this interpreter; ``-o setup``: the
+    test exercises the target, not the set-up of ``.venv``."""
+    out = tmp_path_factory.mktemp("reproduce_smoke")
+    proc = subprocess.run(
+        ["make", "-o", "setup", "reproduce-smoke", f"REPRO_OUT={out}", f"PY={sys.executable}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"Wrote 8 files to {out}" in proc.stdout
+    return out
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _entries(summary: dict) -> dict[str, dict]:
+    """Row label in table.md -> the aggregate summary.json holds for it."""
+    steps = {"dpo": "dpo (2 steps)", "ppo": "ppo (2 steps)"}
+    out = {summary["method"]: summary}
+    out.update({steps.get(k, k): v for k, v in summary["compare"].items()})
+    out.update({f"{k} (no LLM)": v for k, v in summary["baselines"].items()})
+    return out
+
+
+def _table_rows(section: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "method":
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def test_table_has_every_method_with_the_runs_numbers(smoke, papi):
+    text = (smoke / "table.md").read_text()
+    sections = text.split("## ")
+    for protocol in PROTOCOLS:
+        summary = _summary(smoke / protocol)
+        assert summary["cases"] == [s.case for s in select_subjects(papi.subjects, sample=2)]
+        (section,) = [s for s in sections if s.startswith(f"protocol={protocol}:")]
+        assert "**The paper has no numbers for this model**" in section
+        assert f"Subjects (2): {summary['cases'][0]}, {summary['cases'][1]}." in section
+        assert "Training steps per subject: dpo 2, ppo 2 (the paper: 250)." in section
+        rows = _table_rows(section)
+        assert list(rows) == [*LLM_ROWS, *BASELINE_ROWS]
+        for label, entry in _entries(summary).items():
+            n, *traits, score, unk = rows[label]
+            assert n == "2" and traits == [_fmt(entry["mae"][t]) for t in TRAITS], label
+            assert score == f"**{_fmt(entry['score'])}**"
+            assert unk == f"{100 * entry['unk_rate']:.1f}%"
+    clean = _entries(_summary(smoke / "clean"))
+    # Logit scoring always parses; the baselines on the two sampled subjects (keyed coding).
+    assert all(math.isfinite(clean[label]["score"]) for label in LLM_ROWS)
+    assert [round(clean[b]["score"], 3) for b in BASELINE_ROWS] == [4.403, 2.903, 2.194]
+    # Two DPO steps moved the adapter's answers; PAS kept alpha 0 (the unsteered model).
+    assert clean["dpo (2 steps)"]["score"] != clean["no_change"]["score"]
+    pas_rows = (smoke / "clean" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(r)["align_info"]["alpha"] for r in pas_rows] == [0.0, 0.0]
+    assert clean["pas"]["mae"] == clean["no_change"]["mae"]
+
+
+def test_table_labels_the_papers_numbers_and_the_alpha_selection(smoke):
+    text = (smoke / "table.md").read_text()
+    published = text.split("## The paper's Table 1 (published numbers, not palign's)")[1]
+    for row in (
+        "| Llama-3-8B-Instruct | PAS | 0.94 | 0.91 | 0.86 | 0.98 | 0.72 | 4.41 | pas |",
+        "| Llama-3-8B-Instruct | Few-Shot |  |  |  |  |  | 5.96 | few_shot |",
+        "| Llama-3-8B-Instruct | DPO |  |  |  |  |  | 7.45 | dpo, dpo_cpu |",
+        "| Llama-3-8B-Instruct | PPO |  |  |  |  |  | 7.62 | ppo, ppo_cpu |",
+        "| Llama-3-70B-Instruct | PAS |  |  |  |  |  | 4.74 | pas |",
+        "| Llama-3-70B-Instruct | Few-Shot |  |  |  |  |  | 5.21 | few_shot |",
+        "| GPT-4o | Prompting |  |  |  |  |  | 4.42 |  |",
+    ):
+        assert row in published
+    assert "`protocol=paper` selects PAS's alpha ON THE TEST ITEMS" in text
+    assert "`protocol=clean` selects it by k-fold on each subject's own 120 alignment items" in text
+    assert "PAS alpha selected on: test items; chosen per subject: 0, 0." in text
+
+
+def test_plots_are_png_files(smoke):
+    for protocol in PROTOCOLS:
+        for name in PLOTS:
+            path = smoke / "plots" / f"{name}_{protocol}.png"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+            height, width, _ = imread(path).shape
+            assert height >= 400 and width >= 500, (path, height, width)
+
+
+def test_csv_round_trips_the_summaries(smoke, tmp_path):
+    written = reproduce([smoke / "paper", smoke / "clean"], tmp_path)
+    assert (
+        len(written) == 8
+        and (tmp_path / "table.md").read_text() == (smoke / "table.md").read_text()
+    )
+    with open(tmp_path / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 9
+    for protocol in PROTOCOLS:
+        summary = _summary(smoke / protocol)
+        entries = {"pas": summary, **summary["compare"], **summary["baselines"]}
+        mine = {r["method"]: r for r in rows if r["protocol"] == protocol}
+        assert list(mine) == list(entries)
+        for name, entry in entries.items():
+            row = mine[name]
+            assert int(row["n_subjects"]) == entry["n_subjects"]
+            assert _same(float(row["score"]), entry["score"])
+            assert float(row["unk_rate"]) == entry["unk_rate"]
+            assert all(_same(float(row[f"mae_{t}"]), entry["mae"][t]) for t in TRAITS)
+            assert row["paper_score"] == ""  # tiny_llama is none of the paper's models
+        assert mine["dpo"]["steps"] == "2" and mine["pas"]["steps"] == ""
+
+
+def test_a_paper_model_run_gets_the_published_numbers_beside_it(smoke, tmp_path):
+    """The clean smoke run relabelled as a Llama-3-8B-Instruct run (its numbers unchanged)."""
+    run = tmp_path / "clean"
+    shutil.copytree(smoke / "clean", run)
+    summary = _summary(run)
+    (run / "summary.json").write_text(json.dumps({**summary, "model": "llama3_8b"}))
+    reproduce([run], tmp_path / "out")
+    text = (tmp_path / "out" / "table.md").read_text()
+    assert "- Model: `llama3_8b` = the paper's Llama-3-8B-Instruct." in text
+    rows = _table_rows(text.split("## The paper's Table 1")[0])
+    pas = rows["pas"]
+    paper_mae = dict(zip(TRAITS, ("0.94", "0.91", "0.86", "0.98", "0.72")))
+    assert pas[1:6] == [f"{_fmt(summary['mae'][t])} (*paper* {paper_mae[t]})" for t in TRAITS]
+    paper_scores = {label: cells[-1] for label, cells in rows.items()}
+    assert paper_scores == {
+        "pas": "4.41",
+        "no_change": "",
+        "few_shot": "5.96",
+        "personality_prompt": "",
+        "dpo (2 steps)": "7.45",
+        "ppo (2 steps)": "7.62",
+        **{b: "" for b in BASELINE_ROWS},
+    }
+    with open(tmp_path / "out" / "table.csv", newline="") as f:
+        by_method = {r["method"]: r for r in csv.DictReader(f)}
+    assert by_method["pas"]["paper_mae_A"] == "0.94" and by_method["pas"]["paper_score"] == "4.41"
+    assert by_method["few_shot"]["paper_mae_A"] == "" and by_method["dpo"]["paper_method"] == "DPO"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "summary.json: missing (is "), ("{not json", "summary.json: not valid JSON (")],
+)
+def test_unreadable_summary_is_one_clear_error(tmp_path, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "summary.json").write_text(content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "palign.reproduce", "--out", str(tmp_path / "out"), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"palign.reproduce: error: {run / 'summary.json'}: ") and message in last
+
+
+def test_two_runs_of_one_protocol_are_refused(smoke):
+    with pytest.raises(ReproduceError, match="are both protocol=clean: pass one each"):
+        reproduce([smoke / "clean", smoke / "clean"], smoke / "unused")
+
+
+def test_standard_error_over_finite_values():
+    assert standard_error([1.0, 2.0, 3.0, float("nan")]) == pytest.approx(1 / math.sqrt(3))
+    assert math.isnan(standard_error([2.0, float("nan")]))
