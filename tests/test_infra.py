@@ -102,6 +102,7 @@ def test_offline_wandb_run_is_read_back_from_its_run_dir(cfg_factory, monkeypatc
     assert per_subject == pytest.approx([r["score"] for r in rows])
     files = {name for files in logged["artifacts"].values() for name in files}
     assert {"report.md", "summary.json", "results.jsonl", "subjects.table.json"} <= files
+    assert "plots/trait_errors.png" in files
     assert logged["exit_code"] == 0
 
 

@@ -444,6 +444,20 @@ def plot_head_accuracy(run: Run, path: Path) -> bool:
 # --- entry point -----------------------------------------------------------------------------
 
 
+def plot_run(run: Run, folder: Path, suffix: str = "") -> list[Path]:
+    """The run's plots in ``folder``: ``trait_errors<suffix>.png`` always, ``pas_alpha`` and
+    ``head_accuracy`` when PAS was run; returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"trait_errors{suffix}.png"
+    plot_trait_errors(run, path)
+    written = [path]
+    for name, plot in (("pas_alpha", plot_pas_alpha), ("head_accuracy", plot_head_accuracy)):
+        path = folder / f"{name}{suffix}.png"
+        if plot(run, path):
+            written.append(path)
+    return written
+
+
 def reproduce(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     """Read the run dirs (one per protocol), write ``table.md``, ``table.csv`` and the plots into
     ``out``; returns the paths written."""
@@ -461,19 +475,7 @@ def reproduce(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     (out / "table.md").write_text(table_markdown(runs))
     write_csv(runs, out / "table.csv")
     for run in runs:
-        path = plots / f"trait_errors_{run.protocol}.png"
-        plot_trait_errors(run, path)
-        written.append(path)
-        path = plots / f"pas_alpha_{run.protocol}.png"
-        if plot_pas_alpha(run, path):
-            written.append(path)
-        else:
-            print(f"{run.path}: PAS was not run (no alpha scores); no {path.name}")
-        path = plots / f"head_accuracy_{run.protocol}.png"
-        if plot_head_accuracy(run, path):
-            written.append(path)
-        else:
-            print(f"{run.path}: no artifacts/**/head_accuracy.npy (PAS); no {path.name}")
+        written += plot_run(run, plots, suffix=f"_{run.protocol}")
     return written
 
 

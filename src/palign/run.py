@@ -35,6 +35,7 @@ from palign.methods.statistical import BASELINES
 from palign.models.loading import ModelLoadError
 from palign.pas.heads import PASError
 from palign.report import aggregate, report_markdown
+from palign.reproduce import load_run, plot_run
 from palign.tracking import RunTracker
 
 log = logging.getLogger("palign")
@@ -389,6 +390,7 @@ def run(cfg: DictConfig) -> dict:
             other.teardown()
         summary = summarize(cfg, method, model_name, data, subjects, rows[method.name], compare)
         report = write_outputs(out_dir, summary, rows)
+        plot_run(load_run(out_dir), out_dir / "plots")
         tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], out_dir)
         print(report)
         log.info("Outputs in %s", out_dir)
