@@ -363,31 +363,25 @@ def run(cfg: DictConfig) -> dict:
     try:
         tracker.hyperparams(cfg)
         artifacts = out_dir / "artifacts" if cfg.save_artifacts else None
-        rows = {
-            method.name: evaluate_all(
-                method,
+
+        def evaluate(m: Method) -> list[dict]:
+            return evaluate_all(
+                m,
                 subjects,
                 data.inventory,
-                out_dir / "results" / method.name,
-                artifacts=artifacts / method.name if artifacts else None,
+                out_dir / "results" / m.name,
+                artifacts=artifacts / m.name if artifacts else None,
                 tracker=tracker,
             )
-        }
+
+        rows = {method.name: evaluate(method)}
         method.teardown()
-        compare = {}
-        for node in compare_nodes:
+        for node in compare_nodes:  # one at a time: each may change the shared model
             other = build(node)
             other.setup(MethodContext(data=data, scorer=scorer))
-            rows[other.name] = evaluate_all(
-                other,
-                subjects,
-                data.inventory,
-                out_dir / "results" / other.name,
-                artifacts=artifacts / other.name if artifacts else None,
-                tracker=tracker,
-            )
-            compare[other.name] = aggregate(rows[other.name])
+            rows[other.name] = evaluate(other)
             other.teardown()
+        compare = {name: aggregate(r) for name, r in rows.items() if name != method.name}
         summary = summarize(cfg, method, model_name, data, subjects, rows[method.name], compare)
         report = write_outputs(out_dir, summary, rows)
         plot_run(load_run(out_dir), out_dir / "plots")
