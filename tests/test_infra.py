@@ -1,6 +1,7 @@
 """Experiment infrastructure: multirun sweep table, loggers (offline W&B read back, TensorBoard,
 CSV), resume after a killed run, shards through the submitit launcher and their merge, Optuna."""
 
+import csv
 import json
 import os
 import signal
@@ -25,14 +26,16 @@ TINY = ("model=tiny_llama", "hardware=cpu")
 
 
 def palign(*args: str, module: str = "palign", timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m <module> args`` from the repo root; fails the test with its output if it
-    fails."""
+    """``python -m <module> args`` from the repo root (W&B offline, no key); fails the test with
+    its output if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     done = subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=timeout,
+        env={**env, "WANDB_SILENT": "true"},
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -63,14 +66,17 @@ def test_shards_split_the_selection(papi):
 def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path):
     sweep = tmp_path / "sweep"
     palign(
-        "-m", *TINY, "method=no_change,trait_mean", "dataset.limit=2", f"hydra.sweep.dir={sweep}"
+        "-m",
+        *TINY,
+        "method=no_change,trait_mean",
+        "dataset.limit=2",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
     )
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0_no_change_tiny_llama", "1_trait_mean_tiny_llama"]
     summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in jobs]
     table = (sweep / "sweep_table.md").read_text()
-    import csv
-
     with open(sweep / "sweep_table.csv") as f:
         rows = list(csv.DictReader(f))
     by_method = {r["method"]: r for r in rows}
@@ -82,6 +88,11 @@ def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path):
     assert float(by_method["item_mean (no LLM)"]["score"]) == pytest.approx(
         summaries[0]["baselines"]["item_mean"]["score"]
     )
+    # Each job is its own finished W&B run, grouped by the sweep.
+    runs = [read_wandb_run(sweep / j) for j in jobs]
+    assert [r["run"]["group"] for r in runs] == [f"eval/{sweep.name}"] * 2
+    assert [r["run"]["display_name"] for r in runs] == jobs
+    assert [r["exit_code"] for r in runs] == [0, 0]
 
 
 def test_offline_wandb_run_is_read_back_from_its_run_dir(cfg_factory, monkeypatch):
