@@ -83,7 +83,7 @@ def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
         "protocol=paper",
         "dataset.limit=1",
         "scoring.max_new_tokens=3",
-        "compare=[no_change]",
+        "compare=[personality_prompt]",
     )
     summary = run(cfg)
     rows, _ = _read(Path(cfg.paths.output_dir))
@@ -184,7 +184,7 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
         "method.alphas=[0,4]",
         "method.folds=2",
         "scoring.max_new_tokens=3",
-        "compare=[no_change]",
+        "compare=[personality_prompt]",
     )
     summary = run(cfg)
     out = Path(cfg.paths.output_dir)

@@ -193,9 +193,12 @@ def test_resume_refuses_another_config_and_unknown_dirs(cfg_factory, tmp_path):
         other.paths.output_dir = out
     with pytest.raises(ConfigError, match="differs .* at dataset.limit"):
         run(other)
-    missing = cfg_factory(*TINY, "method=no_change", f"resume={tmp_path}/nothing")
+    missing = cfg_factory(*TINY, "method=no_change", f"resume={tmp_path}/nothing", out="nothing")
     with pytest.raises(ConfigError, match="no palign run"):
         run(missing)
+    twice = cfg_factory(*TINY, "method=dpo_cpu", "compare=[dpo]", out="twice")
+    with pytest.raises(ConfigError, match="names .* repeat"):
+        run(twice)
 
 
 def test_shards_through_submitit_merge_to_the_unsharded_summary(cfg_factory, tmp_path):

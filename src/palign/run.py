@@ -21,7 +21,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
@@ -348,6 +348,12 @@ def run(cfg: DictConfig) -> dict:
     subjects = select(cfg, data)
     method: Method = build(cfg.method)
     compare_nodes = [method_config(cfg, name) for name in cfg.get("compare") or []]
+    names = [method.name] + [get_class(node._target_).name for node in compare_nodes]
+    if len(set(names)) < len(names):
+        raise ConfigError(
+            f"compare={list(cfg.compare)}: the methods' names {names} repeat; each method of a "
+            "run needs its own name (its results/, artifacts/ and report row)"
+        )
     scorer = None
     model_name = "none (no LLM)"
     if method.uses_llm:
