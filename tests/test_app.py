@@ -184,7 +184,7 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
         "method.alphas=[0,4]",
         "method.folds=2",
         "scoring.max_new_tokens=3",
-        "compare=[personality_prompt]",
+        "compare=[no_change]",
     )
     summary = run(cfg)
     out = Path(cfg.paths.output_dir)
