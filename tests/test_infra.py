@@ -17,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 from palign.data.papi import PapiDataError, select_subjects
 from palign.merge import merge
 from palign.methods.base import ConfigError
-from palign.run import objective, run
+from palign.run import build, check_objective, objective, run
 from palign.tracking import RunTracker
 from wandb_records import read_wandb_run
 
@@ -249,9 +249,9 @@ def test_optuna_sweep_minimises_the_selection_score(tmp_path):
 def test_objective_refuses_test_scores_and_test_item_selection(cfg_factory):
     cfg = cfg_factory(*TINY, "method=pas", "optimized_metric=score")
     with pytest.raises(ConfigError, match="leak the test items"):
-        objective(cfg, {"score": 1.0})
+        check_objective(cfg, build(cfg.method))
     cfg = cfg_factory(*TINY, "method=pas", "protocol=paper", "optimized_metric=selection_score")
     paper = {"selection_score": None, "method": "pas", "protocol": {"name": "paper"}}
     with pytest.raises(ConfigError, match="needs protocol=clean"):
-        objective(cfg, paper)
+        check_objective(cfg, build(cfg.method))
     assert objective(OmegaConf.create({"optimized_metric": None}), paper) is None

@@ -23,6 +23,7 @@ from palign.report import aggregate
 from palign.run import (
     RESUME_FREE_KEYS,
     USER_ERRORS,
+    baseline_rows,
     build,
     config_differences,
     finished_rows,
@@ -84,7 +85,16 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
     }
     model_name = models.pop() if len(models) == 1 else cfg.model.name
     compare = {name: aggregate(rows[name]) for name in names[1:]}
-    summary = summarize(cfg, method, model_name, data, subjects, rows[method.name], compare)
+    summary = summarize(
+        cfg,
+        method,
+        model_name,
+        data,
+        subjects,
+        rows[method.name],
+        compare,
+        baseline_rows(data, subjects),
+    )
     summary["merged_from"] = [str(d) for d in shard_dirs]
     write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     for d in shard_dirs:  # artifacts stay in the shards (adapters are large): linked

@@ -27,7 +27,8 @@ def aggregate(rows: Sequence[dict]) -> dict:
     return out
 
 
-def _fmt(x: float, digits: int = 3) -> str:
+def fmt(x: float | None, digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals; ``n/a`` for None or a non-finite number."""
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
@@ -36,11 +37,11 @@ def _row(name: str, entry: dict) -> str:
     cells = [
         name,
         str(entry["n_subjects"]),
-        *(_fmt(entry["mae"][t]) for t in TRAITS),
-        f"**{_fmt(entry['score'])}**",
+        *(fmt(entry["mae"][t]) for t in TRAITS),
+        f"**{fmt(entry['score'])}**",
         f"{100 * entry.get('unk_rate', 0.0):.1f}%",
-        _fmt(timing.get("align_s_per_subject", float("nan")), 2),
-        _fmt(timing.get("eval_s_per_subject", float("nan")), 2),
+        fmt(timing.get("align_s_per_subject", float("nan")), 2),
+        fmt(timing.get("eval_s_per_subject", float("nan")), 2),
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -37,6 +37,7 @@ from palign.constants import TRAITS
 from palign.data.papi import PapiDataError, load_papi
 from palign.eval.metrics import mean_mae
 from palign.published import PAPER_METHOD, PAPER_MODEL, TABLE1, Published, published
+from palign.report import fmt
 
 #: Paper's training steps per subject for DPO and PPO (250), shown beside palign's.
 PAPER_STEPS = 250
@@ -105,6 +106,27 @@ class Run:
     def method(self, name: str) -> MethodResult | None:
         return next((m for m in self.methods if m.name == name and m.uses_llm), None)
 
+    @classmethod
+    def of(
+        cls,
+        path: Path,
+        summary: dict,
+        rows: dict[str, list[dict]],
+        baselines: dict[str, list[dict]],
+    ) -> Run:
+        """A run from its summary and per-subject rows: ``rows`` of the main and compared
+        methods by name, ``baselines`` the statistical baselines' rows."""
+        llm = summary["model"] != "none (no LLM)"
+        names = [summary["method"], *summary.get("compare", {})]
+        entries = [summary, *summary.get("compare", {}).values()]
+        methods = [MethodResult(n, llm, e, rows[n]) for n, e in zip(names, entries)]
+        methods += [
+            MethodResult(name, False, entry, baselines[name])
+            for name, entry in summary["baselines"].items()
+            if name != summary["method"]
+        ]
+        return cls(path, summary, methods)
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
@@ -161,17 +183,10 @@ def load_run(path: Path) -> Run:
         raise ReproduceError(
             f"{summary_path}: not a palign summary (needs the keys {', '.join(SUMMARY_KEYS)})"
         )
-    baselines = baseline_rows(path, summary)
-    llm = summary["model"] != "none (no LLM)"
-    methods = [MethodResult(summary["method"], llm, summary, _read_rows(path / "results.jsonl"))]
-    for name, entry in summary.get("compare", {}).items():
-        methods.append(
-            MethodResult(name, llm, entry, _read_rows(path / "compare" / f"{name}.jsonl"))
-        )
-    for name, entry in summary["baselines"].items():
-        if name != summary["method"]:
-            methods.append(MethodResult(name, False, entry, baselines[name]))
-    return Run(path, summary, methods)
+    rows = {summary["method"]: _read_rows(path / "results.jsonl")}
+    for name in summary.get("compare", {}):
+        rows[name] = _read_rows(path / "compare" / f"{name}.jsonl")
+    return Run.of(path, summary, rows, baseline_rows(path, summary))
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -183,10 +198,6 @@ def standard_error(values: Sequence[float]) -> float:
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     return float(x.std(ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
 def _paper(run: Run, m: MethodResult) -> Published | None:
@@ -240,14 +251,14 @@ def _section(run: Run) -> str:
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in run.methods:
         paper = _paper(run, m)
-        traits = [_fmt(m.entry["mae"][t]) for t in TRAITS]
+        traits = [fmt(m.entry["mae"][t]) for t in TRAITS]
         if paper is not None and paper.mae is not None:
             traits = [f"{c} (*paper* {paper.mae[t]:.2f})" for c, t in zip(traits, TRAITS)]
         cells = [
             m.label,
             str(m.entry["n_subjects"]),
             *traits,
-            f"**{_fmt(m.entry['score'])}**",
+            f"**{fmt(m.entry['score'])}**",
             f"{100 * m.entry['unk_rate']:.1f}%",
         ]
         if run.paper_model:

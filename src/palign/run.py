@@ -35,7 +35,7 @@ from palign.methods.statistical import BASELINES
 from palign.models.loading import ModelLoadError
 from palign.pas.heads import PASError
 from palign.report import aggregate, report_markdown
-from palign.reproduce import load_run, plot_run
+from palign.reproduce import Run, plot_run
 from palign.tracking import RunTracker
 
 log = logging.getLogger("palign")
@@ -80,14 +80,19 @@ def baseline_rows(data: PapiData, subjects: Sequence[Subject]) -> dict[str, list
     return out
 
 
-def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
-    """Aggregated results of every statistical baseline on ``subjects``."""
+def aggregate_baselines(rows: dict[str, Sequence[dict]]) -> dict[str, dict]:
+    """:func:`aggregate` of each baseline's rows, without timings (they use no model)."""
     out = {}
-    for name, rows in baseline_rows(data, subjects).items():
-        entry = aggregate(rows)
+    for name, baseline in rows.items():
+        entry = aggregate(baseline)
         entry.pop("timing", None)
         out[name] = entry
     return out
+
+
+def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
+    """Aggregated results of every statistical baseline on ``subjects``."""
+    return aggregate_baselines(baseline_rows(data, subjects))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -268,25 +273,31 @@ def selection_score(rows: Sequence[dict]) -> float | None:
     return float(np.mean(scores))
 
 
-def objective(cfg: DictConfig, summary: dict) -> float | None:
-    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
-    (None when no metric is configured). Only ``selection_score`` may be optimised: choosing
+def check_objective(cfg: DictConfig, method: Method) -> None:
+    """Before any work: ``cfg.optimized_metric`` (what a Hydra sweeper minimises) may only be
+    ``selection_score``, and only for a method that selects on the alignment items; choosing
     hyper-parameters by the test Score would leak the test items into the result."""
     metric = cfg.get("optimized_metric")
     if not metric:
-        return None
+        return
     if metric != "selection_score":
         raise ConfigError(
             f"optimized_metric={metric!r}: only 'selection_score' (on the subjects' own "
             "alignment items) may be optimised; the test Score would leak the test items"
         )
-    if summary["selection_score"] is None:
+    if not method.selects_on_alignment_items:
         raise ConfigError(
-            f"optimized_metric=selection_score: method {summary['method']} under "
-            f"protocol={summary['protocol']['name']} selects nothing on the alignment items "
+            f"optimized_metric=selection_score: method {method.name} under "
+            f"protocol={cfg.protocol.name} selects nothing on the alignment items "
             "(PAS needs protocol=clean)"
         )
-    return summary["selection_score"]
+
+
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
+    (None when no metric is configured; see :func:`check_objective`)."""
+    metric = cfg.get("optimized_metric")
+    return summary[metric] if metric else None
 
 
 def summarize(
@@ -297,9 +308,11 @@ def summarize(
     subjects: Sequence[Subject],
     rows: Sequence[dict],
     compare: dict[str, dict],
+    baselines: dict[str, Sequence[dict]],
 ) -> dict:
     """The run's ``summary.json`` content: the method's aggregate beside the compared methods'
-    and the statistical baselines' on the same subjects (and on all loaded subjects)."""
+    and the statistical baselines' (``baselines``: their rows on the same subjects), and the
+    baselines on all loaded subjects."""
     return {
         "method": method.name,
         "model": model_name,
@@ -314,7 +327,7 @@ def summarize(
         "cases": [s.case for s in subjects],
         "shard": cfg.dataset.get("shard"),
         "compare": compare,
-        "baselines": baseline_results(data, subjects),
+        "baselines": aggregate_baselines(baselines),
         "baselines_all_subjects": baseline_results(data, data.subjects),
         "notes": method.notes(rows),
         "versions": {"palign": __version__},
@@ -347,6 +360,7 @@ def run(cfg: DictConfig) -> dict:
     data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
     subjects = select(cfg, data)
     method: Method = build(cfg.method)
+    check_objective(cfg, method)
     compare_nodes = [method_config(cfg, name) for name in cfg.get("compare") or []]
     names = [method.name] + [get_class(node._target_).name for node in compare_nodes]
     if len(set(names)) < len(names):
@@ -388,9 +402,12 @@ def run(cfg: DictConfig) -> dict:
             rows[other.name] = evaluate(other)
             other.teardown()
         compare = {name: aggregate(r) for name, r in rows.items() if name != method.name}
-        summary = summarize(cfg, method, model_name, data, subjects, rows[method.name], compare)
+        baselines = baseline_rows(data, subjects)
+        summary = summarize(
+            cfg, method, model_name, data, subjects, rows[method.name], compare, baselines
+        )
         report = write_outputs(out_dir, summary, rows)
-        plot_run(load_run(out_dir), out_dir / "plots")
+        plot_run(Run.of(out_dir, summary, rows, baselines), out_dir / "plots")
         tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], out_dir)
         print(report)
         log.info("Outputs in %s", out_dir)

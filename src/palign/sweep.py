@@ -26,13 +26,13 @@ COLUMNS = ["job", "overrides", "method", "model", "protocol", "subjects", *TRAIT
            "unk_rate", "selection_score", "align_s_per_subject", "eval_s_per_subject"]  # fmt: skip
 
 
-def _entry_row(job: str, overrides: str, summary: dict, name: str, entry: dict) -> dict:
+def _entry_row(job: str, overrides: str, summary: dict, name: str, entry: dict, model: str) -> dict:
     timing = entry.get("timing", {})
     return {
         "job": job,
         "overrides": overrides,
         "method": name,
-        "model": summary["model"] if "(no LLM)" not in name else "-",
+        "model": model,
         "protocol": summary["protocol"]["name"],
         "subjects": entry["n_subjects"],
         **{t: entry["mae"][t] for t in TRAITS},
@@ -71,14 +71,16 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         except ValueError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         overrides = _overrides(job)
-        rows.append(_entry_row(job.name, overrides, summary, summary["method"], summary))
+        rows.append(
+            _entry_row(job.name, overrides, summary, summary["method"], summary, summary["model"])
+        )
         for name, entry in summary.get("compare", {}).items():
-            rows.append(_entry_row(job.name, overrides, summary, name, entry))
+            rows.append(_entry_row(job.name, overrides, summary, name, entry, summary["model"]))
         key = (summary["protocol"]["coding"], tuple(summary["cases"]))
         if key not in seen:
             seen.add(key)
             for name, entry in summary["baselines"].items():
-                row = _entry_row(job.name, "", summary, f"{name} (no LLM)", entry)
+                row = _entry_row(job.name, "", summary, f"{name} (no LLM)", entry, "-")
                 baseline_rows.append(row)
     return rows + baseline_rows, missing
 

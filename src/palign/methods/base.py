@@ -80,6 +80,9 @@ class Method(ABC):
 
     name: str = "method"
     uses_llm: bool = False
+    #: Whether aligning chooses hyper-parameters by cross-validation on the alignment items
+    #: (recorded as ``align_info.selection_score``, the objective of ``hparams_search``).
+    selects_on_alignment_items: bool = False
 
     def setup(self, context: MethodContext) -> None:
         self.context = context

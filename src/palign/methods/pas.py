@@ -100,6 +100,10 @@ class PAS(Method):
         self.layers = tuple(layers) if layers is not None else None
         self.train_fraction, self.probe_c, self.seed = train_fraction, probe_c, seed
 
+    @property
+    def selects_on_alignment_items(self) -> bool:
+        return self.selection == "alignment_items"
+
     # --- set-up: activations shared by all subjects ------------------------------------------
 
     def setup(self, context: MethodContext) -> None:
