@@ -153,7 +153,9 @@ def test_alpha_zero_is_exactly_unsteered(papi, tiny, make_scorer):
     rows = items + items
     with HeadShift(layout, shifts).applied(scorer.module):
         both = scorer.score(NEUTRAL_SYSTEM_PROMPT, rows, [0] * 6 + [1] * 6, n_variants=2).probs
-    assert np.array_equal(both[:6], base)
+    # Different batch compositions take different kernel paths, whose float rounding differs by
+    # CPU (~1e-7 seen); a zero shift must leave the answers unchanged to well below that scale.
+    np.testing.assert_allclose(both[:6], base, rtol=0, atol=1e-6)
     assert not np.allclose(both[6:], base, atol=1e-4)
 
 
