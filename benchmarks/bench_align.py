@@ -17,7 +17,7 @@ import time
 import torch
 
 from palign.data import load_papi
-from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
+from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import MethodContext
 from palign.methods.dpo import DPO
 from palign.methods.pas import PAS
@@ -36,7 +36,7 @@ def main() -> None:
     data = load_papi()
     subject, items = data.subjects[0], data.inventory.train_items
     loaded = load_gguf_package("smollm2_135m")
-    scorer = Scorer(loaded, make_trainer(accelerator="cpu", devices=1), ScoringConfig())
+    scorer = Scorer(loaded, ScoringConfig())
 
     pas = PAS()
     pas.setup(MethodContext(data, scorer))

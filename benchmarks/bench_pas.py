@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from palign.data import load_papi
-from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
+from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import MethodContext
 from palign.methods.pas import PAS
 from palign.models import load_gguf_package
@@ -37,7 +37,6 @@ def main() -> None:
     loaded = load_gguf_package("smollm2_135m")
     scorer = Scorer(
         loaded,
-        make_trainer(accelerator="cpu", devices=1),
         ScoringConfig(batch_size=args.batch_size),
     )
     method = PAS(folds=args.folds)

@@ -21,7 +21,7 @@ import torch
 
 from palign.data import load_papi
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
-from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids, make_trainer
+from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
 from palign.models import load_gguf_package
 
 
@@ -61,7 +61,6 @@ def main() -> None:
     loaded = load_gguf_package("smollm2_135m")
     scorer = Scorer(
         loaded,
-        make_trainer(accelerator="cpu", devices=1),
         ScoringConfig(batch_size=args.batch_size),
     )
     few_shot = few_shot_system_prompt(inv.train_items, subject.answers(inv.train))

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from palign.data import load_papi
-from palign.eval.scoring import Scorer, ScoringConfig, make_trainer
+from palign.eval.scoring import Scorer, ScoringConfig
 from palign.models import load_random
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -38,15 +38,10 @@ def tiny():
     return load_random("tiny_llama", TINY_LLAMA, seed=0)
 
 
-@pytest.fixture(scope="session")
-def trainer():
-    return make_trainer(accelerator="cpu", devices=1)
-
-
 @pytest.fixture
-def make_scorer(tiny, trainer):
+def make_scorer(tiny):
     def build(**kwargs) -> Scorer:
-        return Scorer(tiny, trainer, ScoringConfig(**kwargs))
+        return Scorer(tiny, ScoringConfig(**kwargs))
 
     return build
 

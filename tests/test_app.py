@@ -146,7 +146,7 @@ def test_cli_statistical_method(tmp_path):
         ),
         (
             ["model=llama3_70b_4bit", "method=no_change", "dataset.limit=1"],
-            "model=llama3_70b_4bit: model.quantization (bitsandbytes 4/8-bit) needs a CUDA GPU",
+            "model.name_or_path='meta-llama/Meta-Llama-3-70B-Instruct': weights not available offline",
         ),
         (
             ["model=tiny_llama", "method=no_change", "scoring.mode=sample", "dataset.limit=1"],

@@ -100,9 +100,9 @@ def test_dpo_loss_and_rewards_match_trl(tmp_path, monkeypatch):
     assert abs(cr.mean().item()) > 1e-4  # the adapter really moves the policy off the reference
 
 
-def test_dpo_training_lowers_the_loss_and_restores_the_model(papi, trainer):
+def test_dpo_training_lowers_the_loss_and_restores_the_model(papi):
     # A model of its own: peft wraps the model's layers in place.
-    scorer = Scorer(load_random("tiny_llama", TINY_LLAMA), trainer, ScoringConfig(batch_size=16))
+    scorer = Scorer(load_random("tiny_llama", TINY_LLAMA), ScoringConfig(batch_size=16))
     items = papi.inventory.test_items[:6]
     before = scorer.score("You are a helpful, honest and concise assistant.", items).probs
     method = DPO(steps=12, warmup_steps=2, batch_size=8, micro_batch_size=4, lr=5e-3)

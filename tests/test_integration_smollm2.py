@@ -19,9 +19,9 @@ def smollm2():
     return loaded
 
 
-def test_few_shot_logit_scoring_on_one_subject(papi, smollm2, trainer):
+def test_few_shot_logit_scoring_on_one_subject(papi, smollm2):
     inv, subject = papi.inventory, papi.subjects[0]
-    scorer = Scorer(smollm2, trainer, ScoringConfig(batch_size=4))
+    scorer = Scorer(smollm2, ScoringConfig(batch_size=4))
     system = few_shot_system_prompt(inv.train_items, subject.answers(inv.train))
     items = inv.test_items[:6]
     answers = scorer.score(system, items)
@@ -44,8 +44,8 @@ def test_few_shot_logit_scoring_on_one_subject(papi, smollm2, trainer):
     assert set(answers.scores.tolist()) <= {1, 2, 3, 4, 5}
 
 
-def test_generation_answers_with_an_option(papi, smollm2, trainer):
-    scorer = Scorer(smollm2, trainer, ScoringConfig(mode="generate", batch_size=4))
+def test_generation_answers_with_an_option(papi, smollm2):
+    scorer = Scorer(smollm2, ScoringConfig(mode="generate", batch_size=4))
     answers = scorer.score(
         "You are a helpful, honest and concise assistant.", papi.inventory.test_items[:4]
     )

@@ -1,5 +1,7 @@
 """PAS: probes, directions, interventions, alpha selection, profiles, architectures."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -114,7 +116,7 @@ def _letter_logits(scorer, items, system=NEUTRAL_SYSTEM_PROMPT):
 
 
 @pytest.mark.parametrize("arch", sorted(TINY))
-def test_hook_equals_folded_bias_on_every_architecture(arch, papi, trainer):
+def test_hook_equals_folded_bias_on_every_architecture(arch, papi):
     loaded = load_random(f"tiny_{arch}", TINY[arch], seed=1)
     layout = head_layout(loaded.model)
     cfg = loaded.model.config
@@ -123,22 +125,26 @@ def test_hook_equals_folded_bias_on_every_architecture(arch, papi, trainer):
         cfg.num_attention_heads,
         getattr(cfg, "head_dim", None) or 16,
     )
-    scorer = Scorer(loaded, trainer, ScoringConfig(batch_size=4))
+    scorer = Scorer(loaded, ScoringConfig(batch_size=4))
     items = papi.inventory.test_items[:5]
     base = _letter_logits(scorer, items)
     gen = torch.Generator().manual_seed(0)
     shift = torch.randn(1, layout.n_layers, layout.n_heads * layout.head_dim, generator=gen)
     shift[:, :, layout.head_dim :] = 0  # only head 0 of each layer
-    with HeadShift(layout, 3 * shift).applied(scorer.module):
+    with scorer.applied(HeadShift(layout, 3 * shift)):
         hooked = _letter_logits(scorer, items)
-    undo = fold_into_bias(layout, 3 * shift[0])
-    scorer.module.clear_prefix_cache()
-    try:
-        folded = _letter_logits(scorer, items)
-    finally:
-        unfold_bias(undo)
-        scorer.module.clear_prefix_cache()
-    np.testing.assert_allclose(hooked, folded, atol=1e-5)
+
+    @contextmanager
+    def folded():
+        undo = fold_into_bias(layout, 3 * shift[0])
+        try:
+            yield
+        finally:
+            unfold_bias(undo)
+
+    with scorer.applied(folded()):
+        folded_probs = _letter_logits(scorer, items)
+    np.testing.assert_allclose(hooked, folded_probs, atol=1e-5)
     assert not np.allclose(hooked, base, atol=1e-4)
     np.testing.assert_allclose(_letter_logits(scorer, items), base, atol=1e-6)  # undone
 
@@ -151,7 +157,7 @@ def test_alpha_zero_is_exactly_unsteered(papi, tiny, make_scorer):
     shifts = torch.randn(2, layout.n_layers, layout.n_heads * layout.head_dim)
     shifts[0] = 0.0
     rows = items + items
-    with HeadShift(layout, shifts).applied(scorer.module):
+    with scorer.applied(HeadShift(layout, shifts)):
         both = scorer.score(NEUTRAL_SYSTEM_PROMPT, rows, [0] * 6 + [1] * 6, n_variants=2).probs
     # Different batch compositions take different kernel paths, whose float rounding differs by
     # CPU (~1e-7 seen); a zero shift must leave the answers unchanged to well below that scale.
@@ -173,7 +179,7 @@ def test_planted_direction_moves_answers_towards_a(papi, tiny, make_scorer):
         shifts[v, -1] = alpha * planted / planted.norm()
     items = papi.inventory.test_items[:8]
     rows = [it for _ in range(4) for it in items]
-    with HeadShift(layout, shifts).applied(scorer.module):
+    with scorer.applied(HeadShift(layout, shifts)):
         probs = scorer.score(
             NEUTRAL_SYSTEM_PROMPT, rows, [v for v in range(4) for _ in items], 4
         ).probs
@@ -181,14 +187,14 @@ def test_planted_direction_moves_answers_towards_a(papi, tiny, make_scorer):
     assert (np.diff(log_ratio) > 0).all(), log_ratio
 
 
-def test_identical_contrast_prompts_are_refused(papi, tiny, trainer):
+def test_identical_contrast_prompts_are_refused(papi, tiny):
     class CutScorer(Scorer):  # the reference code's Llama-3 path: the last 5 tokens were cut
         def encode_prompts(self, system_prompt, items, assistant_prefix=None):
             return [
                 ids[:-5] for ids in super().encode_prompts(system_prompt, items, assistant_prefix)
             ]
 
-    scorer = CutScorer(tiny, trainer, ScoringConfig())
+    scorer = CutScorer(tiny, ScoringConfig())
     with pytest.raises(PASError, match=r"item \d+: the 'A' and 'E' prompts do not differ"):
         contrastive_activations(
             scorer, head_layout(tiny.model), papi.inventory.train_items[:3], cache_dir="/tmp/unused"
@@ -308,3 +314,36 @@ def test_bad_pas_configs():
         PAS(folds=1)
     with pytest.raises(PASError, match="method.direction='pca'"):
         PAS(direction="pca")
+
+
+@pytest.mark.parametrize("per_trait", [False, True])
+def test_a_group_of_subjects_equals_one_at_a_time_in_fewer_forwards(papi, pas_factory, per_trait):
+    """Three subjects aligned and answered as one group (probes in one fit, every subject x alpha
+    a variant of one scorer run) give each subject what it gets alone: the same heads, alpha and
+    answers (probabilities to 1e-5: other batch compositions round differently)."""
+    method = pas_factory(per_trait=per_trait, top_k=2)
+    subjects = papi.subjects[3:6]
+    train, test = papi.inventory.train_items, papi.inventory.test_items
+    meter = method.context.scorer.loaded.meter
+    before = meter.snapshot()
+    alone = [method.align(s, train) for s in subjects]
+    alone_answers = [method.answer(s, a, test) for s, a in zip(subjects, alone)]
+    alone_cost = meter.snapshot() - before
+    before = meter.snapshot()
+    group = method.align_group(subjects, train)
+    group_answers = method.answer_group(subjects, group, test)
+    group_cost = meter.snapshot() - before
+    for a, g, aa, ga in zip(alone, group, alone_answers, group_answers):
+        assert torch.equal(a.profile.layer, g.profile.layer)
+        assert torch.equal(a.profile.head, g.profile.head)
+        assert a.profile.alpha == g.profile.alpha
+        torch.testing.assert_close(a.profile.direction, g.profile.direction, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(aa.probs, ga.probs, rtol=0, atol=1e-5)
+    # Same rows scored, in a third of the runs: fewer, fuller forwards.
+    assert group_cost.forward_calls < alone_cost.forward_calls
+    assert group_cost.generated_tokens == alone_cost.generated_tokens == 0
+
+
+def test_bad_subject_batch_is_refused():
+    with pytest.raises(PASError, match="method.subject_batch=0 must be >= 1"):
+        PAS(subject_batch=0)

@@ -59,11 +59,11 @@ def test_clipped_surrogate_by_hand():
     assert clipped_surrogate(new, old, adv, mask, clip=0.2).item() == pytest.approx(expected)
 
 
-def test_reward_rises_for_a_subject_who_answers_a_to_everything(papi, trainer):
+def test_reward_rises_for_a_subject_who_answers_a_to_everything(papi):
     """A tiny model whose output layer favours the five option letters learns to prefer "A" for a
     subject who answers 5 to every item (measured by the logit scorer, before vs after)."""
     loaded = load_random("tiny_ppo", {**TINY_LLAMA, "tie_word_embeddings": False}, seed=0)
-    scorer = Scorer(loaded, trainer, ScoringConfig(batch_size=16))
+    scorer = Scorer(loaded, ScoringConfig(batch_size=16))
     items = papi.inventory.train_items
     letters = letter_token_ids(scorer.renderer, "Option (")
     with torch.no_grad():
@@ -78,11 +78,8 @@ def test_reward_rises_for_a_subject_who_answers_a_to_everything(papi, trainer):
     method.setup(MethodContext(papi, scorer))
     artifact = method.align(subject, items)
     assert artifact.meta["reward_last"] > artifact.meta["reward_first"] + 0.5, artifact.meta
-    from peft import set_peft_model_state_dict
-
-    set_peft_model_state_dict(method.peft_model, artifact.state)
-    scorer.module.clear_prefix_cache()
-    after = scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:16]).probs[:, 0].mean()
+    with scorer.applied(method.adapter(artifact)):
+        after = scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:16]).probs[:, 0].mean()
     assert after > before + 0.3, (before, after)
 
 

@@ -60,7 +60,7 @@ def profile_applied(loaded: LoadedModel, profile: PASProfile, alpha: float | Non
     """A factory of the context that shifts ``profile``'s heads (checked against the model)."""
     layout = head_layout(loaded.model)
     profile.check_fits(layout, loaded.name)
-    return lambda: HeadShift(layout, profile.total_shift(alpha)).applied()
+    return lambda: HeadShift(layout, profile.total_shift(alpha))
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")

@@ -24,6 +24,19 @@ def aggregate(rows: Sequence[dict]) -> dict:
             f"{key}_per_subject": float(np.mean([r["timing"][key] for r in rows]))
             for key in rows[0]["timing"]
         }
+    if rows and all("cost" in r for r in rows):
+        per_subject = {
+            phase: {
+                key: float(np.mean([r["cost"][phase][key] for r in rows]))
+                for key in rows[0]["cost"][phase]
+            }
+            for phase in rows[0]["cost"]
+        }
+        per_subject["total"] = {
+            key: sum(phase[key] for phase in per_subject.values())
+            for key in next(iter(per_subject.values()))
+        }
+        out["cost"] = {"per_subject": per_subject}
     return out
 
 
@@ -46,6 +59,51 @@ def _row(name: str, entry: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _count(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def cost_table(summary: dict) -> str:
+    """Counted model work of each method that used the model: per subject (aligning, answering)
+    and once per run (set-up, e.g. PAS's shared activations); empty without a model."""
+    entries = {summary["method"]: summary, **summary.get("compare", {})}
+    lines = []
+    for name, entry in entries.items():
+        cost = entry.get("cost")
+        if not cost:
+            continue
+        per = cost.get("per_subject", {})
+        setup = cost.get("setup") or {}
+        cells = [name]
+        for phase in ("align", "answer", "total"):
+            c = per.get(phase, {})
+            cells += [_count(c.get("forward_calls", 0)), _count(c.get("tokens_forwarded", 0))]
+        cells += [
+            _count(per.get("total", {}).get("generated_tokens", 0)),
+            f"{_count(setup.get('forward_calls', 0))} / {_count(setup.get('tokens_forwarded', 0))}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    cols = [
+        "method",
+        "align forwards",
+        "align tokens",
+        "answer forwards",
+        "answer tokens",
+        "forwards",
+        "tokens",
+        "generated",
+        "set-up forwards / tokens",
+    ]
+    return (
+        "\nModel work per subject, counted (forward calls; tokens forwarded, padding included, "
+        "KV-cached prefixes not again; tokens generated), and once per run for set-up:\n\n"
+        + "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *lines])
+        + "\n"
+    )
+
+
 def report_markdown(summary: dict) -> str:
     """The run's table: the method beside the statistical baselines on the same subjects."""
     protocol = summary["protocol"]
@@ -65,6 +123,7 @@ def report_markdown(summary: dict) -> str:
         if name != summary["method"]:
             lines.append(_row(f"{name} (no LLM)", entry))
     text = head + "\n".join(lines) + "\n"
+    text += cost_table(summary)
     if summary.get("notes"):
         text += "\n" + "\n".join(f"- {note}" for note in summary["notes"]) + "\n"
     population = summary.get("baselines_all_subjects")

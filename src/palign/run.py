@@ -29,10 +29,12 @@ from palign import __version__
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, PapiDataError, Subject, load_papi, select_subjects
 from palign.eval.metrics import subject_metrics
-from palign.eval.scoring import Scorer, ScoringConfig, ScoringError, make_trainer
+from palign.eval.scoring import Scorer, ScoringConfig, ScoringError
 from palign.methods.base import Artifact, ConfigError, Method, MethodContext
 from palign.methods.statistical import BASELINES
+from palign.models.cost import CostMeter
 from palign.models.loading import ModelLoadError
+from palign.models.placement import PlacementError, check_device, check_precision
 from palign.pas.heads import PASError
 from palign.report import aggregate, report_markdown
 from palign.reproduce import Run, plot_run
@@ -42,32 +44,49 @@ log = logging.getLogger("palign")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 #: Errors that describe bad input or an impossible config: shown as one line, no traceback.
-USER_ERRORS = (PapiDataError, ModelLoadError, ScoringError, PASError, ConfigError)
+USER_ERRORS = (PapiDataError, ModelLoadError, ScoringError, PASError, ConfigError, PlacementError)
 
 
-def evaluate_subject(
-    method: Method, subject: Subject, inventory: Inventory
-) -> tuple[dict, Artifact]:
-    """Align ``method`` on the subject's alignment items, answer the test items, score them."""
-    start = time.perf_counter()
-    artifact = method.align(subject, inventory.train_items)
-    aligned = time.perf_counter()
-    answers = method.answer(subject, artifact, inventory.test_items)
-    done = time.perf_counter()
-    metrics = subject_metrics(answers.scores, subject.answers(inventory.test), inventory.test_items)
-    info = {k: v for k, v in artifact.meta.items() if k != "timing"}
-    row = {
-        "case": subject.case,
-        "method": method.name,
-        **metrics.to_dict(),
-        "timing": {
-            "align_s": aligned - start,
-            "eval_s": done - aligned,
-            **artifact.meta.get("timing", {}),
-        },
-        **({"align_info": info} if info else {}),
-    }
-    return row, artifact
+def evaluate_group(
+    method: Method,
+    subjects: Sequence[Subject],
+    inventory: Inventory,
+    meter: CostMeter | None = None,
+) -> list[tuple[dict, Artifact]]:
+    """Align ``method`` on the subjects' alignment items, answer the test items, score them:
+    one result row and artifact per subject. The subjects go through the method together (a
+    method that batches subjects does so); each row gets an equal share of the group's time and
+    of the forwards ``meter`` counted (``cost``: forward calls, tokens forwarded, generated
+    tokens, for aligning and for answering)."""
+    n = len(subjects)
+    start, cost0 = time.perf_counter(), meter.snapshot() if meter else None
+    artifacts = method.align_group(subjects, inventory.train_items)
+    aligned, cost1 = time.perf_counter(), meter.snapshot() if meter else None
+    answers = method.answer_group(subjects, artifacts, inventory.test_items)
+    done, cost2 = time.perf_counter(), meter.snapshot() if meter else None
+    out = []
+    for subject, artifact, answer in zip(subjects, artifacts, answers, strict=True):
+        metrics = subject_metrics(
+            answer.scores, subject.answers(inventory.test), inventory.test_items
+        )
+        info = {k: v for k, v in artifact.meta.items() if k != "timing"}
+        row = {
+            "case": subject.case,
+            "method": method.name,
+            **metrics.to_dict(),
+            "timing": {
+                "align_s": (aligned - start) / n,
+                "eval_s": (done - aligned) / n,
+                **artifact.meta.get("timing", {}),
+            },
+            **({"align_info": info} if info else {}),
+        }
+        if meter is not None:
+            row["cost"] = {"align": (cost1 - cost0) / n, "answer": (cost2 - cost1) / n}
+            if n > 1:
+                row["subject_batch"] = n
+        out.append((row, artifact))
+    return out
 
 
 def baseline_rows(data: PapiData, subjects: Sequence[Subject]) -> dict[str, list[dict]]:
@@ -76,7 +95,7 @@ def baseline_rows(data: PapiData, subjects: Sequence[Subject]) -> dict[str, list
     for cls in BASELINES:
         baseline = cls()
         baseline.setup(MethodContext(data))
-        out[baseline.name] = [evaluate_subject(baseline, s, data.inventory)[0] for s in subjects]
+        out[baseline.name] = [row for row, _ in evaluate_group(baseline, subjects, data.inventory)]
     return out
 
 
@@ -125,31 +144,57 @@ def evaluate_all(
     rows_dir: Path,
     artifacts: Path | None = None,
     tracker: RunTracker | None = None,
+    meter: CostMeter | None = None,
 ) -> list[dict]:
-    """Evaluate ``method`` on every subject with a progress bar. Each subject's row is written
-    atomically to ``rows_dir/<case>.json`` as soon as it is done (after its artifact), so a
-    killed run loses at most the subject in flight; subjects whose row is already there are
-    not evaluated again (``resume``)."""
+    """Evaluate ``method`` on every subject, ``method.subject_batch`` at a time, with a progress
+    bar. Each subject's row is written atomically to ``rows_dir/<case>.json`` as soon as its
+    group is done (after its artifact), so a killed run loses at most the group in flight;
+    subjects whose row is already there are not evaluated again (``resume``)."""
     done = finished_rows(rows_dir)
     if done:
         log.info("%s: %d finished subject(s) found in %s", method.name, len(done), rows_dir)
-    rows = []
-    bar = tqdm(subjects, desc=f"{method.name} subjects", unit="subject", dynamic_ncols=True)
-    for subject in bar:
-        if subject.case in done:
-            row, history = done[subject.case], None
-        else:
-            row, artifact = evaluate_subject(method, subject, inventory)
+    pending = [s for s in subjects if s.case not in done]
+    size = max(1, method.subject_batch)
+    results: dict[int, tuple[dict, list | None]] = {}
+    bar = tqdm(
+        total=len(subjects), desc=f"{method.name} subjects", unit="subject", dynamic_ncols=True
+    )
+    bar.update(len(subjects) - len(pending))
+    for start in range(0, len(pending), size):
+        for row, artifact in evaluate_group(
+            method, pending[start : start + size], inventory, meter
+        ):
             if artifacts is not None:
-                artifact.save(artifacts / str(subject.case))
-            write_atomic(rows_dir / f"{subject.case}.json", json.dumps(row))
-            history = artifact.history
+                artifact.save(artifacts / str(row["case"]))
+            write_atomic(rows_dir / f"{row['case']}.json", json.dumps(row))
+            results[row["case"]] = (row, artifact.history)
             log.info("%s %s", method.name, _log_line(row))
+            bar.update(1)
+        bar.set_postfix(score=f"{np.mean([r['score'] for r, _ in results.values()]):.3f}")
+    bar.close()
+    rows = []
+    for subject in subjects:
+        row, history = results.get(subject.case, (done.get(subject.case), None))
         if tracker is not None:
             tracker.subject(row, history)
         rows.append(row)
-        bar.set_postfix(score=f"{np.mean([r['score'] for r in rows]):.3f}")
     return rows
+
+
+def setup(method: Method, context: MethodContext, meter: CostMeter | None) -> dict | None:
+    """``method.setup(context)``; returns the forwards it cost (e.g. PAS's shared activations),
+    or None without a model."""
+    before = meter.snapshot() if meter else None
+    method.setup(context)
+    return (meter.snapshot() - before).to_dict() if meter else None
+
+
+def with_setup_cost(entry: dict, cost: dict | None) -> dict:
+    """``entry`` (an aggregate) with the method's one-off set-up cost beside its per-subject
+    cost, when it used a model."""
+    if cost is not None:
+        entry.setdefault("cost", {})["setup"] = cost
+    return entry
 
 
 def _write_rows(path: Path, rows: Sequence[dict]) -> None:
@@ -371,13 +416,17 @@ def run(cfg: DictConfig) -> dict:
     scorer = None
     model_name = "none (no LLM)"
     if method.uses_llm:
+        check_device(cfg.hardware.device)
+        check_precision(cfg.hardware.precision)
         loaded = build(cfg.model)
         model_name = loaded.name
-        trainer = make_trainer(**OmegaConf.to_container(cfg.hardware.trainer, resolve=True))
         scorer = Scorer(
-            loaded, trainer, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True))
+            loaded,
+            ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)),
+            precision=cfg.hardware.precision,
         )
-    method.setup(MethodContext(data=data, scorer=scorer))
+    meter = scorer.loaded.meter if scorer else None
+    setup_cost = {method.name: setup(method, MethodContext(data=data, scorer=scorer), meter)}
     tracker = RunTracker.from_config(cfg, method.name)
     ok = False
     try:
@@ -392,20 +441,26 @@ def run(cfg: DictConfig) -> dict:
                 out_dir / "results" / m.name,
                 artifacts=artifacts / m.name if artifacts else None,
                 tracker=tracker,
+                meter=meter,
             )
 
         rows = {method.name: evaluate(method)}
         method.teardown()
         for node in compare_nodes:  # one at a time: each may change the shared model
             other = build(node)
-            other.setup(MethodContext(data=data, scorer=scorer))
+            setup_cost[other.name] = setup(other, MethodContext(data=data, scorer=scorer), meter)
             rows[other.name] = evaluate(other)
             other.teardown()
-        compare = {name: aggregate(r) for name, r in rows.items() if name != method.name}
+        compare = {
+            name: with_setup_cost(aggregate(r), setup_cost[name])
+            for name, r in rows.items()
+            if name != method.name
+        }
         baselines = baseline_rows(data, subjects)
         summary = summarize(
             cfg, method, model_name, data, subjects, rows[method.name], compare, baselines
         )
+        with_setup_cost(summary, setup_cost[method.name])
         report = write_outputs(out_dir, summary, rows)
         plot_run(Run.of(out_dir, summary, rows, baselines), out_dir / "plots")
         tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], out_dir)

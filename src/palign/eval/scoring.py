@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import lightning as L
@@ -33,7 +33,11 @@ from palign.constants import LETTER_SCORE, OPTION_LETTERS, UNPARSED
 from palign.data.papi import Item
 from palign.eval.prompts import PromptRenderer, item_question
 from palign.methods.base import Answers
+from palign.models.batching import left_pad, position_ids
 from palign.models.loading import LoadedModel
+from palign.models.placement import make_trainer
+
+log = logging.getLogger(__name__)
 
 MODES = ("logit", "generate")
 #: The reference parser: an option letter followed by a non-letter, within the first 12 characters.
@@ -123,13 +127,7 @@ class SuffixBatches(L.LightningDataModule):
         )
 
     def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        width = max(len(self.suffixes[i]) for i in indices)
-        ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            seq = self.suffixes[i]
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = left_pad([self.suffixes[i] for i in indices], self.pad_id)
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -140,7 +138,8 @@ class SuffixBatches(L.LightningDataModule):
 
 #: Called before every model forward of the scorer with the stage ("prefix", "suffix" or
 #: "decode") and the (B,) variant id of each row: how interventions vary per row (e.g. alpha)
-#: and how activation recorders know which rows they see.
+#: and how activation recorders know which rows they see. Stage "start" (no rows) begins each
+#: attempt of a run: a run retried with smaller batches after running out of memory starts over.
 ForwardListener = Callable[[str, torch.Tensor], None]
 
 
@@ -174,6 +173,10 @@ class ItemScorer(L.LightningModule):
         self._variants = 1
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.listeners: list[ForwardListener] = []
+        #: Whether ``generate`` mode decodes (off for runs that only record activations).
+        self.decode = True
+        #: Called with the number of tokens produced by each greedy decoding step.
+        self.on_generated: Callable[[int], None] = lambda tokens: None
 
     def set_prefix(self, prefix_ids: Sequence[int], variants: int = 1) -> None:
         """Use ``prefix_ids`` (>= 1 token) as the shared prefix, in ``variants`` versions.
@@ -215,8 +218,9 @@ class ItemScorer(L.LightningModule):
                 (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self._prefix_kv
             ]
         else:
-            data = [
-                (k.index_select(0, variant), v.index_select(0, variant)) for k, v in self._prefix_kv
+            data = [  # a model spread over GPUs keeps each layer's cache on the layer's GPU
+                (k.index_select(0, variant.to(k.device)), v.index_select(0, variant.to(v.device)))
+                for k, v in self._prefix_kv
             ]
         return DynamicCache(ddp_cache_data=data, config=self.model.config)
 
@@ -244,13 +248,13 @@ class ItemScorer(L.LightningModule):
         rows, prefix = ids.shape[0], self.prefix_length
         cache = self._prefix_cache(variant)
         full_mask = torch.cat([mask.new_ones(rows, prefix), mask], dim=1)
-        positions = (prefix + mask.cumsum(-1) - 1).clamp(min=prefix)
+        positions = position_ids(mask, start=prefix)
         self._notify("suffix", variant)
         logits = self(ids, full_mask, cache, positions)
         out = {"index": batch["index"]}
         if self.letter_ids is not None:
             out["letter_logprobs"] = torch.log_softmax(logits, -1)[:, self.letter_ids]
-        if self.mode == "generate":
+        if self.mode == "generate" and self.decode:
             out["tokens"] = self._greedy(logits, full_mask, positions[:, -1], cache, variant)
         return out
 
@@ -264,6 +268,7 @@ class ItemScorer(L.LightningModule):
         for step in range(self.max_new_tokens):
             nxt = logits.argmax(-1)
             tokens[:, step] = torch.where(done, self.pad_id, nxt)
+            self.on_generated(int((~done).sum()))
             done |= torch.isin(nxt, eos)
             if done.all() or step == self.max_new_tokens - 1:
                 break
@@ -287,21 +292,30 @@ class ScoringConfig:
 
 
 class Scorer:
-    """Answers items with a loaded model: renders prompts, shares the prefix, runs the predict loop."""
+    """Answers items with a loaded model: renders prompts, shares the prefix, runs the predict loop.
+
+    Methods change what the model computes only through :meth:`applied` (hooks, new adapter
+    weights), which keeps the cached prefix consistent with the model. ``precision``: the
+    Lightning precision of the predict loop (the weights stay as loaded). ``batch_size`` adapts:
+    a device out of memory halves it for the rest of the run.
+    """
 
     def __init__(
-        self, loaded: LoadedModel, trainer: L.Trainer, config: ScoringConfig | None = None
+        self, loaded: LoadedModel, config: ScoringConfig | None = None, precision: str = "32-true"
     ):
         self.loaded = loaded
-        self.trainer = trainer
         self.config = config or ScoringConfig()
         if self.config.mode not in MODES:
             raise ScoringError(f"scoring.mode={self.config.mode!r} is not one of {MODES}")
+        if self.config.batch_size < 1:
+            raise ScoringError(f"scoring.batch_size={self.config.batch_size} must be >= 1")
+        self.batch_size = self.config.batch_size
+        self.trainer = make_trainer(loaded.device, precision)
         self.renderer = PromptRenderer(loaded.tokenizer, self.config.use_chat_template)
         tok = loaded.tokenizer
         generate = self.config.mode == "generate"
         eos = eos_ids(loaded) if generate else []
-        self.module = ItemScorer(
+        self._module = ItemScorer(
             loaded.model,
             letter_ids=None
             if generate
@@ -311,10 +325,29 @@ class Scorer:
             mode=self.config.mode,
             max_new_tokens=self.config.max_new_tokens,
         )
+        self._module.on_generated = loaded.meter.generated
 
     @property
     def assistant_prefix(self) -> str:
         return "" if self.config.mode == "generate" else self.config.answer_prefix
+
+    @contextmanager
+    def applied(self, *changes: AbstractContextManager):
+        """The model as ``changes`` make it, for the block: each is a context manager that
+        changes what the model computes on entry and restores it on exit (head shifts, an
+        adapter's weights, a recorder's hooks). One with a ``listen(stage, variant)`` method is
+        told, before every forward, which variant each row is (e.g. its alpha). The cached
+        prefix is dropped on entry and exit: keys and values computed by the model as it was
+        would be wrong. Yields the entered changes (one, or a tuple)."""
+        with ExitStack() as stack:
+            entered = [stack.enter_context(change) for change in changes]
+            for change in changes:
+                if hasattr(change, "listen"):
+                    self._module.listeners.append(change.listen)
+                    stack.callback(self._module.listeners.remove, change.listen)
+            self._module.clear_prefix_cache()
+            stack.callback(self._module.clear_prefix_cache)
+            yield entered[0] if len(entered) == 1 else tuple(entered)
 
     def encode_prompts(
         self, system_prompt: str, items: Sequence[Item], assistant_prefix: str | None = None
@@ -331,18 +364,36 @@ class Scorer:
         prompts: Sequence[Sequence[int]],
         variants: Sequence[int] | None = None,
         n_variants: int = 1,
+        decode: bool = True,
     ) -> list[dict[str, torch.Tensor]]:
         """Run token-id prompts through the predict loop; prompt ``i`` continues prefix variant
-        ``variants[i]`` of ``n_variants``. Returns the predict-step outputs, batch by batch."""
+        ``variants[i]`` of ``n_variants``. Returns the predict-step outputs, batch by batch
+        (``decode=False``: one forward per batch, no generated tokens, in either mode).
+
+        Out of device memory, the batch size is halved (one log line) and the run starts over,
+        down to batches of one row."""
         shared = common_prefix_length(prompts)
-        self.module.set_prefix(prompts[0][:shared], n_variants)
-        data = SuffixBatches(
-            [p[shared:] for p in prompts],
-            self.loaded.tokenizer.pad_token_id,
-            self.config.batch_size,
-            variants,
-        )
-        return self.trainer.predict(self.module, datamodule=data, return_predictions=True)
+        self._module.set_prefix(prompts[0][:shared], n_variants)
+        suffixes = [p[shared:] for p in prompts]
+        while True:
+            data = SuffixBatches(
+                suffixes, self.loaded.tokenizer.pad_token_id, self.batch_size, variants
+            )
+            self._module._notify("start", torch.zeros(0, dtype=torch.long))
+            self._module.decode = decode
+            try:
+                return self.trainer.predict(self._module, datamodule=data, return_predictions=True)
+            except torch.OutOfMemoryError:
+                self._module.clear_prefix_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self.batch_size == 1:
+                    raise
+                self.batch_size //= 2
+                log.warning(
+                    "Out of device memory: scoring batch size halved to %d for the rest of the run",
+                    self.batch_size,
+                )
 
     def score(
         self,
@@ -367,20 +418,6 @@ class Scorer:
             [parse_answer(t, self.config.parse_window) for t in texts], dtype=np.int64
         )
         return Answers(scores=scores, texts=texts)
-
-
-def make_trainer(**trainer_kwargs) -> L.Trainer:
-    """A Trainer with no logger, checkpoints or bars of its own (the runner has them)."""
-    # Lightning's per-Trainer banners (GPU available, tips) are noise in a per-subject loop.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return L.Trainer(**{**defaults, **trainer_kwargs})
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

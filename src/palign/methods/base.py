@@ -39,6 +39,14 @@ class Answers:
     probs: np.ndarray | None = None
     texts: list[str] | None = None
 
+    def __getitem__(self, rows: slice) -> Answers:
+        """The answers of ``rows`` (a slice of the items)."""
+        return Answers(
+            scores=self.scores[rows],
+            probs=None if self.probs is None else self.probs[rows],
+            texts=None if self.texts is None else self.texts[rows],
+        )
+
     @property
     def expected(self) -> np.ndarray | None:
         """(n,) expected raw answer under ``probs`` (A=5 ... E=1)."""
@@ -80,6 +88,9 @@ class Method(ABC):
 
     name: str = "method"
     uses_llm: bool = False
+    #: How many subjects the runner hands :meth:`align_group` / :meth:`answer_group` at once
+    #: (methods that batch subjects on the device set it above 1).
+    subject_batch: int = 1
     #: Whether aligning chooses hyper-parameters by cross-validation on the alignment items
     #: (recorded as ``align_info.selection_score``, the objective of ``hparams_search``).
     selects_on_alignment_items: bool = False
@@ -102,3 +113,13 @@ class Method(ABC):
     @abstractmethod
     def answer(self, subject: Subject, artifact: Artifact, items: Sequence[Item]) -> Answers:
         """Answer ``items`` as ``subject`` would, using only ``artifact`` from ``subject``."""
+
+    def align_group(self, subjects: Sequence[Subject], items: Sequence[Item]) -> list[Artifact]:
+        """:meth:`align` for each subject (a method that batches subjects overrides this)."""
+        return [self.align(subject, items) for subject in subjects]
+
+    def answer_group(
+        self, subjects: Sequence[Subject], artifacts: Sequence[Artifact], items: Sequence[Item]
+    ) -> list[Answers]:
+        """:meth:`answer` for each subject with its artifact (batched by methods that can)."""
+        return [self.answer(s, a, items) for s, a in zip(subjects, artifacts, strict=True)]

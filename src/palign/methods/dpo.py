@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
-from palign.eval.scoring import make_trainer
 from palign.methods.base import ConfigError
 from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
-from palign.progress import StepBar
+from palign.models.batching import last_token_logprobs, left_pad
 
 REJECTED = ("opposite", "all_others")
 
@@ -52,26 +51,11 @@ def preference_pairs(
 def sequence_logps(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Sum of log-probabilities of the completion tokens, (B,).
-
-    Rows are left-padded, so completions end in the last column: only the logits of the last
-    ``max completion length + 1`` positions are computed (the vocabulary projection of the
-    prompt positions would dominate the cost)."""
-    keep = int(completion_mask.sum(-1).max().item()) + 1
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = (
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            logits_to_keep=keep,
-        )
-        .logits[:, :-1]
-        .float()
-    )
-    targets = input_ids[:, -(keep - 1) :]
-    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-    return (logp * completion_mask[:, -(keep - 1) :]).sum(-1)
+    """Sum of log-probabilities of the completion tokens, (B,). Rows are left-padded, so
+    completions end in the last column (:func:`palign.models.batching.last_token_logprobs`)."""
+    n = int(completion_mask.sum(-1).max().item())
+    logp, _ = last_token_logprobs(model, input_ids, attention_mask, n)
+    return (logp * completion_mask[:, -n:]).sum(-1)
 
 
 def dpo_loss(
@@ -98,24 +82,18 @@ class PairBatches:
         self.pad_id = pad_id
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        seqs, comp = [], []
+        seqs, completion = [], []
         for side in (1, 2):
             for i in indices:
-                prompt, completion = self.rows[i][0], self.rows[i][side]
-                seqs.append(prompt + completion)
-                comp.append([0] * len(prompt) + [1] * len(completion))
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        cmask = torch.zeros((len(seqs), width))
-        for r, (s, c) in enumerate(zip(seqs, comp)):
-            ids[r, width - len(s) :] = torch.tensor(s)
-            mask[r, width - len(s) :] = 1
-            cmask[r, width - len(c) :] = torch.tensor(c, dtype=torch.float)
+                prompt, answer = self.rows[i][0], self.rows[i][side]
+                seqs.append(prompt + answer)
+                completion.append([1] * len(answer))
+        ids, mask = left_pad(seqs, self.pad_id)
+        _, cmask = left_pad(completion, 0, width=ids.shape[1])
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "completion_mask": cmask,
+            "completion_mask": cmask.float(),
             "index": torch.tensor(indices),
         }
 
@@ -131,7 +109,7 @@ class DPOModule(L.LightningModule):
         super().__init__()
         self.method = method
         self.model = method.peft_model
-        self.register_buffer("ref_logps", ref_logps)  # (pairs, 2): chosen, rejected
+        self.ref_logps = ref_logps  # (pairs, 2): chosen, rejected; on the model's device
         self.history: list[dict[str, float]] = []
 
     def training_step(self, batch, batch_idx):
@@ -209,9 +187,10 @@ class DPO(LoraMethod):
 
     @torch.no_grad()
     def reference_logps(self, data: PairBatches) -> torch.Tensor:
-        """(pairs, 2) log-probabilities of chosen and rejected under the reference policy."""
-        out = torch.zeros(len(data.rows), 2)
-        device = next(self.peft_model.parameters()).device
+        """(pairs, 2) log-probabilities of chosen and rejected under the reference policy, on
+        the model's device."""
+        out = torch.zeros(len(data.rows), 2, device=self.device)
+        device = self.device
         with self.reference():
             for start in range(0, len(data.rows), self.micro_batch_size):
                 idx = list(range(start, min(start + self.micro_batch_size, len(data.rows))))
@@ -219,7 +198,7 @@ class DPO(LoraMethod):
                 logps = sequence_logps(
                     self.peft_model, b["input_ids"], b["attention_mask"], b["completion_mask"]
                 )
-                out[idx] = torch.stack(logps.chunk(2), -1).cpu()
+                out[idx] = torch.stack(logps.chunk(2), -1)
         return out
 
     def align(self, subject: Subject, items: Sequence[Item]) -> AdapterArtifact:
@@ -241,12 +220,11 @@ class DPO(LoraMethod):
             collate_fn=data.collate,
         )
         accumulate = self.batch_size // self.micro_batch_size
-        trainer = make_trainer(
-            **self.trainer_kwargs,
-            max_steps=self.steps,
+        trainer = self.trainer(
+            self.steps,
+            f"dpo case {subject.case}",
             max_epochs=math.ceil(self.steps * accumulate / max(len(loader), 1)) + 1,
             accumulate_grad_batches=accumulate,
-            callbacks=[StepBar(self.steps, f"dpo case {subject.case}")],
         )
         self.peft_model.train()
         trainer.fit(module, loader)

@@ -13,12 +13,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from palign.constants import ANSWER_LABELS, OPTION_LETTERS
 from palign.data.papi import Item, Subject
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, item_question
 from palign.methods.base import Answers, Artifact, Method, MethodContext
+from palign.models.placement import check_precision, make_trainer
+from palign.progress import StepBar
 
 
 def answer_completion(answer: int, answer_prefix: str) -> str:
@@ -93,7 +96,7 @@ class LoraMethod(Method):
         lora_dropout: float = 0.05,
         target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
         seed: int = 0,
-        trainer: dict | None = None,
+        precision: str = "32-true",
     ):
         self.lora = dict(
             r=lora_r,
@@ -102,14 +105,15 @@ class LoraMethod(Method):
             target_modules=list(target_modules),
         )
         self.seed = seed
-        #: Lightning Trainer settings for training (accelerator, devices, precision, strategy).
-        self.trainer_kwargs = dict(trainer or {"accelerator": "cpu", "devices": 1})
+        #: Lightning precision of training (``hardware.precision``; the weights stay as loaded).
+        self.precision = check_precision(precision)
 
     def setup(self, context: MethodContext) -> None:
         from peft import LoraConfig, get_peft_model
 
         super().setup(context)
         loaded = context.scorer.loaded
+        self.device = loaded.device
         self.tokenizer = loaded.tokenizer
         self.renderer = context.scorer.renderer
         self.answer_prefix = context.scorer.config.answer_prefix
@@ -159,6 +163,29 @@ class LoraMethod(Method):
         with self.peft_model.disable_adapter():
             yield
 
+    def trainer(self, steps: int, label: str, **settings) -> L.Trainer:
+        """A Trainer for ``steps`` optimiser steps on the placed model, with a step bar."""
+        return make_trainer(
+            self.device,
+            self.precision,
+            max_steps=steps,
+            callbacks=[StepBar(steps, label)],
+            **settings,
+        )
+
+    @contextmanager
+    def adapter(self, artifact: AdapterArtifact):
+        """The subject's trained adapter active for the block (``scorer.applied(...)``); on exit
+        the adapter is reset to B = 0, so the shared model is the base model again."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft_model, artifact.state)
+        self.peft_model.eval()
+        try:
+            yield
+        finally:
+            self.reset_adapter(artifact.case)
+
     def prompt_ids(self, item: Item) -> list[int]:
         """The item prompt with the assistant turn opened (no prefill)."""
         return self.renderer.encode(
@@ -166,14 +193,6 @@ class LoraMethod(Method):
         )
 
     def answer(self, subject: Subject, artifact: AdapterArtifact, items: Sequence[Item]) -> Answers:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.peft_model, artifact.state)
-        self.peft_model.eval()
         scorer = self.context.scorer
-        scorer.module.clear_prefix_cache()  # the weights changed
-        try:
+        with scorer.applied(self.adapter(artifact)):
             return scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
-        finally:
-            self.reset_adapter(subject.case)  # B = 0: the shared model is the base model again
-            scorer.module.clear_prefix_cache()

@@ -64,7 +64,9 @@ class PASArtifact(Artifact):
 
 
 class PAS(Method):
-    """See the module docstring. ``layers``: [first, last) layer range of candidate heads."""
+    """See the module docstring. ``layers``: [first, last) layer range of candidate heads;
+    ``subject_batch``: subjects aligned and evaluated together (their probes in one batched fit,
+    their shifted heads as per-row variants of one forward)."""
 
     name = "pas"
     uses_llm = True
@@ -82,6 +84,7 @@ class PAS(Method):
         layers: Sequence[int] | None = None,
         train_fraction: float = 0.6,
         probe_c: float = 1.0,
+        subject_batch: int = 8,
         seed: int = 0,
     ):
         if selection not in SELECTIONS:
@@ -99,6 +102,9 @@ class PAS(Method):
         self.per_trait, self.with_context = per_trait, with_context
         self.layers = tuple(layers) if layers is not None else None
         self.train_fraction, self.probe_c, self.seed = train_fraction, probe_c, seed
+        if subject_batch < 1:
+            raise PASError(f"method.subject_batch={subject_batch} must be >= 1")
+        self.subject_batch = subject_batch
 
     @property
     def selects_on_alignment_items(self) -> bool:
@@ -115,7 +121,7 @@ class PAS(Method):
         acts = contrastive_activations(scorer, self.layout, self.items)
         self.activation_s = time.perf_counter() - start
         n_layers, n_heads, dim = self.layout.shape
-        device = next(scorer.loaded.model.parameters()).device
+        device = scorer.loaded.device
         self.x = acts.reshape(2 * len(self.items), n_layers * n_heads, dim).to(device)
         self.item_of_row = np.repeat(np.arange(len(self.items)), 2)
         self.trait_of_row = np.array([TRAITS.index(it.trait) for it in self.items]).repeat(2)
@@ -139,29 +145,36 @@ class PAS(Method):
         y = np.where(np.repeat(high, 2), is_a, ~is_a) & labelled
         return y.astype(np.float32), labelled
 
-    def fit(
-        self, subject: Subject, usable: np.ndarray, seed: int
-    ) -> tuple[PASProfile, float, np.ndarray]:
-        """Probe, rank and build directions from the items where ``usable`` (120,) is True;
-        returns the profile, the seconds spent on probes and directions, and every head's probe
-        validation accuracy (groups, layers, heads), NaN for a group without labelled items."""
-        raw = subject.answers([it.number for it in self.items])
-        y, labelled = self._labels(np.where(usable, raw, 0))
-        groups = (
-            [labelled & (self.trait_of_row == t) for t in range(len(TRAITS))]
-            if self.per_trait
-            else [labelled]
-        )
-        mask = np.stack(groups)
-        if not mask.any(1).all() and not self.per_trait:
-            raise PASError(
-                f"case {subject.case}: no alignment answer other than 3 or missing; PAS has nothing to fit"
+    def fit_group(
+        self, subjects: Sequence[Subject], usable: np.ndarray, seed: int
+    ) -> tuple[list[tuple[PASProfile, np.ndarray]], float]:
+        """Probe, rank and build directions for every subject at once, from the items where
+        ``usable`` (subjects, 120) is True. Returns, per subject, the profile and every head's
+        probe validation accuracy (groups, layers, heads), NaN for a group without labelled
+        items; and the seconds spent on probes and directions."""
+        numbers = [it.number for it in self.items]
+        n_groups = len(TRAITS) if self.per_trait else 1
+        ys, masks, trains = [], [], []
+        for subject, use in zip(subjects, usable, strict=True):
+            y, labelled = self._labels(np.where(use, subject.answers(numbers), 0))
+            groups = (
+                [labelled & (self.trait_of_row == t) for t in range(len(TRAITS))]
+                if self.per_trait
+                else [labelled]
             )
-        train = split_rows(
-            self.item_of_row, mask, self.train_fraction, [seed + g for g in range(len(groups))]
-        )
+            mask = np.stack(groups)
+            if not mask.any(1).all() and not self.per_trait:
+                raise PASError(
+                    f"case {subject.case}: no alignment answer other than 3 or missing; PAS has "
+                    "nothing to fit"
+                )
+            seeds = [seed + g for g in range(n_groups)]
+            ys.append(np.broadcast_to(y, mask.shape))
+            masks.append(mask)
+            trains.append(split_rows(self.item_of_row, mask, self.train_fraction, seeds))
+        mask, train = np.concatenate(masks), np.concatenate(trains)  # (subjects * groups, rows)
         dev = self.x.device
-        yt = torch.from_numpy(np.broadcast_to(y, mask.shape).copy()).to(dev)
+        yt = torch.from_numpy(np.concatenate(ys)).to(dev)
         mt, tt = torch.from_numpy(mask).to(dev), torch.from_numpy(train).to(dev)
         start = time.perf_counter()
         probes = fit_probes(self.x, yt, tt, mt & ~tt, c=self.probe_c)
@@ -172,11 +185,30 @@ class PAS(Method):
             directions = probes.weight / probes.weight.norm(dim=-1, keepdim=True)
             sigma = projection_sigma(self.x.double(), directions.double(), mt).float()
         probe_s = time.perf_counter() - start
+        accuracy = probes.val_acc.float().cpu().numpy().reshape(-1, *self.layout.shape[:2])
+        accuracy[~mask.any(1)] = np.nan
+        out = []
+        for s, subject in enumerate(subjects):
+            rows = slice(s * n_groups, (s + 1) * n_groups)
+            profile = self._profile(
+                subject,
+                mask[rows],
+                top[rows],
+                directions[rows],
+                sigma[rows],
+                probes.train_acc[rows],
+                probes.val_acc[rows],
+            )
+            out.append((profile, accuracy[rows]))
+        return out, probe_s
+
+    def _profile(self, subject, mask, top, directions, sigma, train_acc, val_acc) -> PASProfile:
+        """One subject's profile from its groups' (pooled, or per trait) fitted heads."""
         n_heads = self.layout.n_heads
         parts = {
             k: [] for k in ("layer", "head", "trait", "direction", "sigma", "train_acc", "val_acc")
         }
-        for g in range(len(groups)):
+        for g in range(len(mask)):
             if not mask[g].any():
                 continue  # per-trait: no labelled item of this trait; its heads stay unshifted
             idx = top[g]
@@ -195,12 +227,10 @@ class PAS(Method):
             parts["trait"].append(torch.full_like(idx, g if self.per_trait else POOLED))
             parts["direction"].append(d)
             parts["sigma"].append(sigma[g, idx])
-            parts["train_acc"].append(probes.train_acc[g, idx])
-            parts["val_acc"].append(probes.val_acc[g, idx])
+            parts["train_acc"].append(train_acc[g, idx])
+            parts["val_acc"].append(val_acc[g, idx])
         tensors = {k: torch.cat(v).cpu() for k, v in parts.items()}
-        accuracy = probes.val_acc.float().cpu().numpy().reshape(len(groups), *self.layout.shape[:2])
-        accuracy[~mask.any(1)] = np.nan
-        profile = PASProfile(
+        return PASProfile(
             model=self.context.scorer.loaded.name,
             shape=self.layout.shape,
             **tensors,
@@ -212,10 +242,9 @@ class PAS(Method):
                 "per_trait": self.per_trait,
                 "with_context": self.with_context,
                 "layers": list(self.layers) if self.layers else None,
-                "labelled_items": int(labelled.sum() // 2),
+                "labelled_items": int(mask.any(0).sum() // 2),
             },
         )
-        return profile, probe_s, accuracy
 
     # --- scoring under shifts ----------------------------------------------------------------
 
@@ -226,20 +255,38 @@ class PAS(Method):
         return few_shot_system_prompt(chosen, subject.answers([it.number for it in chosen]))
 
     def score_alphas(
-        self, profile: PASProfile, system: str, items: Sequence[Item], alphas: Sequence[float]
-    ) -> Answers:
-        """Answers to ``items`` under every alpha, in one batched run: row ``a * n + i`` is item
-        ``i`` under ``alphas[a]`` (one prefix KV cache per alpha; a per-trait profile shifts each
-        item by its own trait's heads)."""
-        groups = len(TRAITS) if profile.per_trait else 1
-        rows, variants = [], []
-        for a in range(len(alphas)):
-            for it in items:
-                rows.append(it)
-                variants.append(a * groups + (TRAITS.index(it.trait) if groups > 1 else 0))
+        self, jobs: Sequence[tuple[PASProfile, str, Sequence[Item], Sequence[float]]]
+    ) -> list[Answers]:
+        """Answers for each job (profile, system prompt, items, alphas): row ``a * n + i`` of a
+        job's answers is its item ``i`` under its ``alphas[a]``. Jobs that share a system prompt
+        (all of them without the few-shot context) go through one scorer run, every (job,
+        alpha) a variant with its own shift and prefix KV cache; a per-trait profile shifts each
+        item by its own trait's heads."""
+        by_system: dict[str, list[int]] = {}
+        for j, job in enumerate(jobs):
+            by_system.setdefault(job[1], []).append(j)
+        out: list[Answers | None] = [None] * len(jobs)
         scorer = self.context.scorer
-        with HeadShift(self.layout, profile.shifts(alphas)).applied(scorer.module):
-            return scorer.score(system, rows, variants, n_variants=len(alphas) * groups)
+        for system, members in by_system.items():
+            shifts, rows, variants, offset = [], [], [], 0
+            for j in members:
+                profile, _, items, alphas = jobs[j]
+                groups = len(TRAITS) if profile.per_trait else 1
+                shifts.append(profile.shifts(alphas))
+                for a in range(len(alphas)):
+                    for it in items:
+                        rows.append(it)
+                        trait = TRAITS.index(it.trait) if groups > 1 else 0
+                        variants.append(offset + a * groups + trait)
+                offset += len(alphas) * groups
+            with scorer.applied(HeadShift(self.layout, torch.cat(shifts))):
+                answers = scorer.score(system, rows, variants, n_variants=offset)
+            start = 0
+            for j in members:
+                size = len(jobs[j][3]) * len(jobs[j][2])
+                out[j] = answers[start : start + size]
+                start += size
+        return out
 
     def _best_alpha(
         self, predictions: np.ndarray, target: np.ndarray, items: Sequence[Item]
@@ -272,65 +319,109 @@ class PAS(Method):
     # --- the Method interface ----------------------------------------------------------------
 
     def align(self, subject: Subject, items: Sequence[Item]) -> PASArtifact:
+        return self.align_group([subject], items)[0]
+
+    def answer(self, subject: Subject, artifact: PASArtifact, items: Sequence[Item]) -> Answers:
+        return self.answer_group([subject], [artifact], items)[0]
+
+    def _fold_of(self, subject: Subject) -> np.ndarray:
+        """(120,) the alpha-search fold of each alignment item, seeded by run seed and case."""
+        rng = np.random.default_rng([self.seed, subject.case])
+        fold_of = np.empty(len(self.items), dtype=int)
+        fold_of[rng.permutation(len(self.items))] = np.arange(len(self.items)) % self.folds
+        return fold_of
+
+    def align_group(self, subjects: Sequence[Subject], items: Sequence[Item]) -> list[PASArtifact]:
+        """Every subject's probes in one batched fit per fold, every subject's alpha grid on its
+        held-out items in one scorer run per fold (one variant per subject and alpha)."""
         if [it.number for it in items] != [it.number for it in self.items]:
             raise PASError("PAS aligns on the inventory's alignment items it was set up with")
         start = time.perf_counter()
         probe_s = 0.0
-        everything = np.ones(len(self.items), dtype=bool)
-        meta = {"alpha_selected_on": self.selection}
-        alpha = None
+        n, n_alphas = len(self.items), len(self.alphas)
+        numbers = [it.number for it in self.items]
+        metas = [{"alpha_selected_on": self.selection} for _ in subjects]
+        chosen: list[float | None] = [None] * len(subjects)
         if self.selection == "alignment_items":
-            rng = np.random.default_rng([self.seed, subject.case])
-            fold_of = np.empty(len(self.items), dtype=int)
-            fold_of[rng.permutation(len(self.items))] = np.arange(len(self.items)) % self.folds
-            predictions = np.zeros((len(self.alphas), len(self.items)), dtype=np.int64)
-            folds = tqdm(
-                range(self.folds), desc=f"pas case {subject.case} alpha search", leave=False
+            fold_of = np.stack([self._fold_of(s) for s in subjects])
+            predictions = np.zeros((len(subjects), n_alphas, n), dtype=np.int64)
+            label = f"pas case {subjects[0].case}" + (
+                f" (+{len(subjects) - 1})" if len(subjects) > 1 else ""
             )
-            for f in folds:
+            for f in tqdm(range(self.folds), desc=f"{label} alpha search", leave=False):
                 usable = fold_of != f
-                profile, seconds, _ = self.fit(subject, usable, seed=self.seed + 101 * (f + 1))
+                fits, seconds = self.fit_group(subjects, usable, seed=self.seed + 101 * (f + 1))
                 probe_s += seconds
-                held = [it for it, u in zip(self.items, usable) if not u]
-                answers = self.score_alphas(
-                    profile, self._system_prompt(subject, usable), held, self.alphas
+                jobs = [
+                    (
+                        profile,
+                        self._system_prompt(subject, use),
+                        [it for it, u in zip(self.items, use) if not u],
+                        self.alphas,
+                    )
+                    for subject, use, (profile, _) in zip(subjects, usable, fits)
+                ]
+                for s, answers in enumerate(self.score_alphas(jobs)):
+                    predictions[s][:, ~usable[s]] = answers.scores.reshape(n_alphas, -1)
+            for s, subject in enumerate(subjects):
+                alpha, scores = self._best_alpha(
+                    predictions[s], subject.answers(numbers), self.items
                 )
-                predictions[:, ~usable] = answers.scores.reshape(len(self.alphas), len(held))
-            target = subject.answers([it.number for it in self.items])
-            alpha, scores = self._best_alpha(predictions, target, self.items)
-            meta["alpha_scores"] = dict(zip(map(str, self.alphas), scores))
-            meta["selection_score"] = scores[self.alphas.index(alpha)]
-            meta["folds"] = self.folds
+                chosen[s] = alpha
+                metas[s]["alpha_scores"] = dict(zip(map(str, self.alphas), scores))
+                metas[s]["selection_score"] = scores[self.alphas.index(alpha)]
+                metas[s]["folds"] = self.folds
         search_s = time.perf_counter() - start - probe_s
-        profile, seconds, accuracy = self.fit(subject, everything, seed=self.seed)
+        fits, seconds = self.fit_group(subjects, np.ones((len(subjects), n), dtype=bool), self.seed)
         probe_s += seconds
-        profile.alpha = alpha
-        profile.meta.update(meta)
-        timing = {
-            "probes_s": probe_s,
-            "alpha_search_s": search_s,
+        timing = {  # each subject's share of the group's time
+            "probes_s": probe_s / len(subjects),
+            "alpha_search_s": search_s / len(subjects),
             "activations_s_amortised": self.activation_s,
         }
-        return PASArtifact(
-            case=subject.case,
-            profile=profile,
-            head_accuracy=accuracy,
-            meta={"alpha": alpha, **meta, "timing": timing},
-        )
+        artifacts = []
+        for subject, (profile, accuracy), alpha, meta in zip(subjects, fits, chosen, metas):
+            profile.alpha = alpha
+            profile.meta.update(meta)
+            artifacts.append(
+                PASArtifact(
+                    case=subject.case,
+                    profile=profile,
+                    head_accuracy=accuracy,
+                    meta={"alpha": alpha, **meta, "timing": timing},
+                )
+            )
+        return artifacts
 
-    def answer(self, subject: Subject, artifact: PASArtifact, items: Sequence[Item]) -> Answers:
-        profile = artifact.profile
-        system = self._system_prompt(subject, np.ones(len(self.items), dtype=bool))
-        if profile.alpha is not None:
-            return self.score_alphas(profile, system, items, [profile.alpha])
-        # Selection on the test items (paper protocol), recorded and labelled as such.
-        answers = self.score_alphas(profile, system, items, self.alphas)
-        predictions = answers.scores.reshape(len(self.alphas), len(items))
-        target = subject.answers([it.number for it in items])
-        alpha, scores = self._best_alpha(predictions, target, items)
-        profile.alpha = alpha
-        profile.meta["alpha_scores_on_test_items"] = dict(zip(map(str, self.alphas), scores))
-        artifact.meta.update(
-            alpha=alpha, alpha_scores_on_test_items=profile.meta["alpha_scores_on_test_items"]
-        )
-        return Answers(scores=predictions[self.alphas.index(alpha)])
+    def answer_group(
+        self, subjects: Sequence[Subject], artifacts: Sequence[PASArtifact], items: Sequence[Item]
+    ) -> list[Answers]:
+        """All subjects' items under their chosen alphas in one scorer run (under
+        ``selection=test_items``, under every alpha, then the best one per subject on the test
+        items, recorded and labelled as such)."""
+        everything = np.ones(len(self.items), dtype=bool)
+        jobs = [
+            (
+                a.profile,
+                self._system_prompt(s, everything),
+                items,
+                self.alphas if a.profile.alpha is None else [a.profile.alpha],
+            )
+            for s, a in zip(subjects, artifacts, strict=True)
+        ]
+        out = []
+        for subject, artifact, answers in zip(subjects, artifacts, self.score_alphas(jobs)):
+            profile = artifact.profile
+            if profile.alpha is not None:
+                out.append(answers)
+                continue
+            predictions = answers.scores.reshape(len(self.alphas), len(items))
+            target = subject.answers([it.number for it in items])
+            alpha, scores = self._best_alpha(predictions, target, items)
+            profile.alpha = alpha
+            profile.meta["alpha_scores_on_test_items"] = dict(zip(map(str, self.alphas), scores))
+            artifact.meta.update(
+                alpha=alpha, alpha_scores_on_test_items=profile.meta["alpha_scores_on_test_items"]
+            )
+            out.append(Answers(scores=predictions[self.alphas.index(alpha)]))
+        return out

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from palign.data.papi import Item, Subject
-from palign.eval.scoring import eos_ids, make_trainer, parse_answer
+from palign.eval.scoring import eos_ids, parse_answer
 from palign.methods.lora import AdapterArtifact, LoraMethod
-from palign.progress import StepBar
+from palign.models.batching import last_token_logprobs, left_pad
 
 UNPARSED_REWARD = -6.0
 
@@ -88,20 +88,8 @@ def clipped_surrogate(
 
 def response_stats(model, value_head, ids, mask, response_len: int, with_values: bool = True):
     """Per-token log-probs (B, R) of the last ``response_len`` tokens and, optionally, values."""
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        logits_to_keep=response_len + 1,
-        output_hidden_states=with_values,
-    )
-    logits = out.logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, -response_len:, None])[..., 0]
-    if not with_values:
-        return logp, None
-    hidden = out.hidden_states[-1][:, -(response_len + 1) : -1].float()
-    return logp, value_head(hidden)[..., 0]
+    logp, hidden = last_token_logprobs(model, ids, mask, response_len, hidden=with_values)
+    return logp, value_head(hidden)[..., 0] if with_values else None
 
 
 class PPOModule(L.LightningModule):
@@ -112,7 +100,8 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.method = method
         self.model = method.peft_model
-        self.value_head = nn.Linear(self.model.config.get_text_config().hidden_size, 1)
+        hidden = self.model.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, device=method.device)  # float32, beside the model
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.prompts, self.targets = prompts, targets
@@ -124,13 +113,8 @@ class PPOModule(L.LightningModule):
 
     def _rollout(self, rows: list[int]):
         m, tok = self.method, self.method.tokenizer
-        width = max(len(self.prompts[r]) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, device=self.device)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            p = self.prompts[r]
-            ids[i, width - len(p) :] = torch.tensor(p, device=self.device)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_pad([self.prompts[r] for r in rows], tok.pad_token_id, device=m.device)
+        width = ids.shape[1]
         self.model.eval()
         with torch.no_grad():
             seq = self.model.generate(
@@ -144,11 +128,12 @@ class PPOModule(L.LightningModule):
                 pad_token_id=tok.pad_token_id,
             )
         response = seq[:, width:]
-        eos = torch.tensor(m.eos_ids, device=self.device)
+        eos = torch.tensor(m.eos_ids, device=m.device)
         ended = torch.isin(response, eos).long().cumsum(-1)
         resp_mask = (
             (ended == 0) | ((ended == 1) & torch.isin(response, eos))
         ).float()  # through the EOS
+        m.context.scorer.loaded.meter.generated(int(resp_mask.sum()))
         full_mask = torch.cat([mask, resp_mask.long()], -1)
         texts = [
             m.answer_prefix + t
@@ -157,7 +142,7 @@ class PPOModule(L.LightningModule):
                 skip_special_tokens=True,
             )
         ]
-        score = answer_reward(texts, [self.targets[r] for r in rows]).to(self.device)
+        score = answer_reward(texts, [self.targets[r] for r in rows]).to(m.device)
         with torch.no_grad():
             old_logp, old_values = response_stats(
                 self.model, self.value_head, seq, full_mask, response.shape[1]
@@ -253,12 +238,7 @@ class PPO(LoraMethod):
         ]
         torch.manual_seed(self.seed * 1_000_003 + subject.case)
         start = time.perf_counter()
-        trainer = make_trainer(
-            **self.trainer_kwargs,
-            max_steps=self.steps,
-            max_epochs=1,
-            callbacks=[StepBar(self.steps, f"ppo case {subject.case}")],
-        )
+        trainer = self.trainer(self.steps, f"ppo case {subject.case}", max_epochs=1)
         trainer.fit(module, batches)
         self.peft_model.eval()
         rewards = [h["reward"] for h in module.history]

@@ -1,7 +1,9 @@
 """Loading causal LMs and tokenizers: the embedded GGUF model, random test models, user weights.
 
-Each loader is a Hydra ``_target_`` of a ``conf/model/*.yaml`` and returns a :class:`LoadedModel`.
-Nothing is downloaded: user weights must be a local folder or already in the Hugging Face cache.
+Each loader is a Hydra ``_target_`` of a ``conf/model/*.yaml`` and returns a :class:`LoadedModel`
+placed once on ``device`` (``hardware.device``; see :mod:`palign.models.placement`) and never
+moved afterwards. Nothing is downloaded: user weights must be a local folder or already in the
+Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import importlib.util
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from palign.models.cost import CostMeter
+from palign.models.placement import check_device, placement_map
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,21 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     name: str
+    #: Counts every forward of ``model`` (see :mod:`palign.models.cost`).
+    meter: CostMeter = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.meter = CostMeter(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (the first of a spread model)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weights are bitsandbytes 4/8-bit layers."""
+        return getattr(self.model, "quantization_config", None) is not None
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -59,6 +79,12 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 def _finish(model, tokenizer, name: str) -> LoadedModel:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model, "quantization_config", None) is not None:
+        # QLoRA's preparation, done once here so that every method sees the same model: the
+        # non-quantised weights (norms, embeddings, head) in float32, inputs' gradients enabled.
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
@@ -125,13 +151,17 @@ def load_gguf_package(
     gguf_file: str = EMBEDDED_FILE,
     dtype: str = "float32",
     cache_dir: str | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load a GGUF model shipped in a Python package, dequantised to ``dtype``."""
+    """Load a GGUF model shipped in a Python package, dequantised to ``dtype``, onto ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = placement_map(device)
     folder = converted_gguf_dir(package, gguf_file, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), dtype=_dtype(dtype), device_map=placement
+    )
     return _finish(model, tokenizer, name)
 
 
@@ -143,11 +173,13 @@ def load_random(
     tokenizer_package: str = EMBEDDED_PACKAGE,
     tokenizer_file: str = EMBEDDED_FILE,
     cache_dir: str | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
     """A randomly initialised model from a config dict (``model_type`` selects the architecture).
 
-    Seeded, no download. The tokenizer (with its chat template) is the embedded model's, so the
-    prompts are the real ones; ``config.vocab_size`` must cover it.
+    Seeded, no download; initialised on ``device`` (``auto``: the first GPU). The tokenizer
+    (with its chat template) is the embedded model's, so the prompts are the real ones;
+    ``config.vocab_size`` must cover it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +197,9 @@ def load_random(
         raise ModelLoadError(
             f"model.config.vocab_size={hf_config.vocab_size} < tokenizer size {len(tokenizer)}"
         )
-    with torch.random.fork_rng(devices=[]):
+    check_device(device)
+    target = torch.device("cuda" if device == "auto" else device)
+    with torch.random.fork_rng(devices=[] if target.type == "cpu" else [target]), target:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=_dtype(dtype))
     return _finish(model, tokenizer, name)
@@ -176,31 +210,34 @@ def load_pretrained(
     name_or_path: str,
     dtype: str = "bfloat16",
     quantization: dict | None = None,
-    device_map: str | None = None,
+    device: str = "cpu",
+    device_map: dict | str | None = None,
 ) -> LoadedModel:
     """User weights by local folder or hub id, offline only (local files or the HF cache).
 
-    ``quantization``: e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4,
-    bnb_4bit_use_double_quant: true, bnb_4bit_compute_dtype: bfloat16}`` (bitsandbytes, CUDA).
+    Placed while loading on ``device``, or by an explicit ``device_map`` (e.g. layers pinned
+    to GPUs by hand). ``quantization``: e.g. ``{load_in_4bit: true, bnb_4bit_quant_type: nf4,
+    bnb_4bit_use_double_quant: true, bnb_4bit_compute_dtype: bfloat16}`` (bitsandbytes; on a
+    GPU, or on the CPU through bitsandbytes' CPU backend).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(dtype)}
+    if device_map is not None and not isinstance(device_map, str):
+        device_map = {str(k): v for k, v in device_map.items()}
+    kwargs: dict[str, Any] = {
+        "dtype": _dtype(dtype),
+        "device_map": device_map or placement_map(device),
+    }
     if quantization:
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"model={name}: model.quantization (bitsandbytes 4/8-bit) needs a CUDA GPU; "
-                "use hardware=gpu on a GPU machine, or a model config without quantization"
-            )
         from transformers import BitsAndBytesConfig
 
         q = dict(quantization)
         if "bnb_4bit_compute_dtype" in q:
             q["bnb_4bit_compute_dtype"] = _dtype(q["bnb_4bit_compute_dtype"])
-        kwargs["quantization_config"] = BitsAndBytesConfig(**q)
-        kwargs["device_map"] = device_map or {"": 0}
-    elif device_map:
-        kwargs["device_map"] = device_map
+        try:
+            kwargs["quantization_config"] = BitsAndBytesConfig(**q)
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"model.quantization of {name!r}: {e}") from None
     local = Path(name_or_path).expanduser()
     source = str(local) if local.exists() else name_or_path
     try:

@@ -27,7 +27,9 @@ POSITIVE, NEGATIVE = "A", "E"
 
 
 class HeadRecorder:
-    """Records each head's output at the last position of every row of ``suffix`` forwards."""
+    """Records each head's output at the last position of every row of ``suffix`` forwards,
+    while entered (``scorer.applied(HeadRecorder(layout))``); kept on the model's device until
+    :meth:`stacked`. A new attempt of the run (stage ``start``) discards what was recorded."""
 
     def __init__(self, layout: HeadLayout):
         self.layout = layout
@@ -36,13 +38,15 @@ class HeadRecorder:
         self._handles = []
 
     def listen(self, stage: str, variant: torch.Tensor) -> None:
+        if stage == "start":
+            self.batches.clear()
         self.armed = stage == "suffix"
         if self.armed:
             self.batches.append([])
 
     def _hook(self, module, args):
         if self.armed:
-            self.batches[-1].append(args[0][:, -1].detach().float().cpu())
+            self.batches[-1].append(args[0][:, -1].detach())
 
     def __enter__(self):
         self._handles = [p.register_forward_pre_hook(self._hook) for p in self.layout.o_projs]
@@ -53,8 +57,10 @@ class HeadRecorder:
             handle.remove()
 
     def stacked(self) -> torch.Tensor:
-        """(rows in batch order, layers, heads, head_dim)."""
-        per_batch = [torch.stack(layers, 1) for layers in self.batches]
+        """(rows in batch order, layers, heads, head_dim) float32 on the CPU."""
+        per_batch = [
+            torch.stack([layer.float().cpu() for layer in layers], 1) for layers in self.batches
+        ]
         n, h, d = self.layout.shape
         return torch.cat(per_batch).reshape(-1, n, h, d)
 
@@ -111,12 +117,8 @@ def contrastive_activations(
     if path.is_file():
         return load_file(str(path))["activations"]
     start = time.perf_counter()
-    with HeadRecorder(layout) as recorder:
-        scorer.module.listeners.append(recorder.listen)
-        try:
-            outputs = scorer.run(prompts)
-        finally:
-            scorer.module.listeners.remove(recorder.listen)
+    with scorer.applied(HeadRecorder(layout)) as recorder:
+        outputs = scorer.run(prompts, decode=False)
     order = torch.cat([o["index"] for o in outputs]).argsort()
     acts = recorder.stacked()[order].reshape(len(items), 2, *layout.shape).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ A head's output is its slice of the input of the attention output projection (``
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +71,14 @@ def head_layout(model: nn.Module) -> HeadLayout:
 
 
 class HeadShift:
-    """Adds per-layer shifts to head outputs through forward pre-hooks on ``o_proj``.
+    """Adds per-layer shifts to head outputs through forward pre-hooks on ``o_proj``, while
+    entered as a context manager (``with HeadShift(...)``, or ``scorer.applied(HeadShift(...))``
+    for per-row variants); the model is unchanged after exit.
 
-    ``shifts``: (variants, layers, heads * head_dim), zero where a head is not shifted. While
-    attached to a scorer, each row uses the shift of its variant (e.g. one variant per alpha),
-    told by the scorer's forward listener; otherwise variant 0 applies to every row.
+    ``shifts``: (variants, layers, heads * head_dim), zero where a head is not shifted. Each
+    shifted layer's slice is copied once, on entry, to its ``o_proj``'s device. Told each row's
+    variant (:meth:`listen`, e.g. one variant per alpha or per subject), every row gets its own
+    shift; otherwise variant 0 applies to every row.
     """
 
     def __init__(self, layout: HeadLayout, shifts: torch.Tensor):
@@ -93,48 +95,36 @@ class HeadShift:
     def listen(self, stage: str, variant: torch.Tensor) -> None:
         self.rows = variant
 
-    def _hook(self, layer: int):
+    def _hook(self, shift: torch.Tensor):
+        """``shift``: (variants, heads * head_dim) on the layer's device."""
+        cast: dict[torch.dtype, torch.Tensor] = {}
+
         def pre_hook(module, args):
             x = args[0]
-            shift = self.shifts[:, layer].to(device=x.device, dtype=x.dtype)
-            if self.rows is None or shift.shape[0] == 1:
-                add = shift[0]
+            if x.dtype not in cast:
+                cast[x.dtype] = shift.to(x.dtype)
+            add = cast[x.dtype]
+            if self.rows is None or add.shape[0] == 1:
+                add = add[0]
             else:
-                add = shift.index_select(0, self.rows.to(x.device))[:, None, :]
+                add = add.index_select(0, self.rows.to(x.device))[:, None, :]
             return (x + add, *args[1:])
 
         return pre_hook
 
-    def attach(self) -> None:
+    def __enter__(self) -> HeadShift:
         active = self.shifts.abs().amax(dim=(0, 2)) > 0
         for layer in torch.nonzero(active).flatten().tolist():
             proj = self.layout.o_projs[layer]
-            self._handles.append(proj.register_forward_pre_hook(self._hook(layer)))
+            shift = self.shifts[:, layer].to(proj.weight.device)
+            self._handles.append(proj.register_forward_pre_hook(self._hook(shift)))
+        return self
 
-    def detach(self) -> None:
+    def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self.rows = None
-
-    @contextmanager
-    def applied(self, scorer_module=None):
-        """Hooks attached (and, with a scorer's ``ItemScorer``, per-row variants) for the block.
-
-        The scorer's prefix cache is dropped on entry and exit: cached keys and values computed
-        without (or with) the shift would be wrong.
-        """
-        self.attach()
-        if scorer_module is not None:
-            scorer_module.listeners.append(self.listen)
-            scorer_module.clear_prefix_cache()
-        try:
-            yield self
-        finally:
-            self.detach()
-            if scorer_module is not None:
-                scorer_module.listeners.remove(self.listen)
-                scorer_module.clear_prefix_cache()
 
 
 def _dense_weight(proj: nn.Module) -> torch.Tensor:
