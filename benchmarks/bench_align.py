@@ -32,10 +32,11 @@ def main() -> None:
     parser.add_argument("--dpo-steps", type=int, default=8)
     parser.add_argument("--ppo-steps", type=int, default=2)
     args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # as hardware=cpu
     data = load_papi()
     subject, items = data.subjects[0], data.inventory.train_items
     loaded = load_gguf_package("smollm2_135m")
-    scorer = Scorer(loaded, ScoringConfig(), sdpa_gqa=True)  # as hardware=cpu
+    scorer = Scorer(loaded, ScoringConfig())
 
     pas = PAS()
     pas.setup(MethodContext(data, scorer))

@@ -32,12 +32,12 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # as hardware=cpu
     data = load_papi()
     loaded = load_gguf_package("smollm2_135m")
     scorer = Scorer(
         loaded,
         ScoringConfig(batch_size=args.batch_size),
-        sdpa_gqa=True,  # as hardware=cpu
     )
     method = PAS(folds=args.folds)
     with tempfile.TemporaryDirectory() as cache:

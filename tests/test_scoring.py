@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -99,29 +97,3 @@ def test_answer_prefix_that_splits_letters_is_rejected(make_scorer):
 def test_unknown_mode_is_rejected(make_scorer):
     with pytest.raises(ScoringError, match="scoring.mode='sample'"):
         make_scorer(mode="sample")
-
-
-def test_gqa_switch_is_on_while_scoring_only(papi, tiny, monkeypatch):
-    """``sdpa_gqa`` (hardware=cpu) turns transformers' GQA-in-SDPA on for the predict loop and
-    restores the environment after it: training (whose backward it slows down) never sees it."""
-    from palign.eval.scoring import GQA_SWITCH, Scorer, ScoringConfig
-
-    monkeypatch.delenv(GQA_SWITCH, raising=False)
-    seen = []
-
-    class Witness:
-        def listen(self, stage, variant):
-            if stage != "start":  # "start" is told before the predict loop begins
-                seen.append(os.environ.get(GQA_SWITCH))
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    scorer = Scorer(tiny, ScoringConfig(batch_size=8), sdpa_gqa=True)
-    with scorer.applied(Witness()):
-        scorer.score("s", papi.inventory.test_items[:4])
-    assert seen and set(seen) == {"1"}
-    assert GQA_SWITCH not in os.environ

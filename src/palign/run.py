@@ -424,7 +424,6 @@ def run(cfg: DictConfig) -> dict:
             loaded,
             ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)),
             precision=cfg.hardware.precision,
-            sdpa_gqa=bool(cfg.hardware.get("sdpa_gqa", False)),
         )
     meter = scorer.loaded.meter if scorer else None
     setup_cost = {method.name: setup(method, MethodContext(data=data, scorer=scorer), meter)}

@@ -19,7 +19,6 @@ Two ways to answer (``mode``):
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -298,21 +297,13 @@ class Scorer:
     Methods change what the model computes only through :meth:`applied` (hooks, new adapter
     weights), which keeps the cached prefix consistent with the model. ``precision``: the
     Lightning precision of the predict loop (the weights stay as loaded). ``batch_size`` adapts:
-    a device out of memory halves it for the rest of the run. ``sdpa_gqa``: grouped-query
-    attention inside torch's SDPA while scoring (transformers' ``TRANSFORMERS_SDPA_FORCE_GQA``,
-    set for the predict loop only): faster inference on CPU, but ~35x slower backward passes
-    there, so training never runs with it.
+    a device out of memory halves it for the rest of the run.
     """
 
     def __init__(
-        self,
-        loaded: LoadedModel,
-        config: ScoringConfig | None = None,
-        precision: str = "32-true",
-        sdpa_gqa: bool = False,
+        self, loaded: LoadedModel, config: ScoringConfig | None = None, precision: str = "32-true"
     ):
         self.loaded = loaded
-        self.sdpa_gqa = sdpa_gqa
         self.config = config or ScoringConfig()
         if self.config.mode not in MODES:
             raise ScoringError(f"scoring.mode={self.config.mode!r} is not one of {MODES}")
@@ -391,10 +382,7 @@ class Scorer:
             self._module._notify("start", torch.zeros(0, dtype=torch.long))
             self._module.decode = decode
             try:
-                with _environ(GQA_SWITCH, "1" if self.sdpa_gqa else None):
-                    return self.trainer.predict(
-                        self._module, datamodule=data, return_predictions=True
-                    )
+                return self.trainer.predict(self._module, datamodule=data, return_predictions=True)
             except torch.OutOfMemoryError:
                 self._module.clear_prefix_cache()
                 if torch.cuda.is_available():
@@ -430,27 +418,6 @@ class Scorer:
             [parse_answer(t, self.config.parse_window) for t in texts], dtype=np.int64
         )
         return Answers(scores=scores, texts=texts)
-
-
-#: transformers' switch for grouped-query attention inside torch's SDPA (read at every call).
-GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextmanager
-def _environ(name: str, value: str | None):
-    """``os.environ[name] = value`` for the block (``None``: leave it as it is)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:
