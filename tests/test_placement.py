@@ -26,7 +26,7 @@ class MoveSpy:
         self.before: dict[str, tuple] = {}
         self.moves: list[str] = []
         original_apply = torch.nn.Module._apply
-        original_finish = loading._finish
+        original_finish = loading.finish_loading
         spy = self
 
         def _apply(module, fn, *args, **kwargs):
@@ -34,13 +34,13 @@ class MoveSpy:
                 spy.moves.append(type(module).__name__)
             return original_apply(module, fn, *args, **kwargs)
 
-        def _finish(*args, **kwargs):
+        def finish_loading(*args, **kwargs):
             loaded = original_finish(*args, **kwargs)
             spy.arm(loaded.model)
             return loaded
 
         monkeypatch.setattr(torch.nn.Module, "_apply", _apply)
-        monkeypatch.setattr(loading, "_finish", _finish)
+        monkeypatch.setattr(loading, "finish_loading", finish_loading)
 
     def arm(self, model) -> None:
         self.model = model

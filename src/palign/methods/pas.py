@@ -184,6 +184,8 @@ class PAS(Method):
         else:
             directions = probes.weight / probes.weight.norm(dim=-1, keepdim=True)
             sigma = projection_sigma(self.x.double(), directions.double(), mt).float()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         probe_s = time.perf_counter() - start
         accuracy = probes.val_acc.float().cpu().numpy().reshape(-1, *self.layout.shape[:2])
         accuracy[~mask.any(1)] = np.nan

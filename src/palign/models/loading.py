@@ -53,7 +53,7 @@ class LoadedModel:
     @property
     def quantized(self) -> bool:
         """Whether the weights are bitsandbytes 4/8-bit layers."""
-        return getattr(self.model, "quantization_config", None) is not None
+        return is_quantized(self.model)
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
@@ -76,10 +76,17 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def _finish(model, tokenizer, name: str) -> LoadedModel:
+def is_quantized(model) -> bool:
+    """Whether transformers loaded ``model`` through a quantizer (bitsandbytes 4/8-bit)."""
+    return getattr(model, "hf_quantizer", None) is not None
+
+
+def finish_loading(model, tokenizer, name: str) -> LoadedModel:
+    """The :class:`LoadedModel` of a model already placed on its device(s): pad token set,
+    k-bit preparation of a quantised model, eval mode, no gradients for the weights."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model, "quantization_config", None) is not None:
+    if is_quantized(model):
         # QLoRA's preparation, done once here so that every method sees the same model: the
         # non-quantised weights (norms, embeddings, head) in float32, inputs' gradients enabled.
         from peft import prepare_model_for_kbit_training
@@ -162,7 +169,7 @@ def load_gguf_package(
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), dtype=_dtype(dtype), device_map=placement
     )
-    return _finish(model, tokenizer, name)
+    return finish_loading(model, tokenizer, name)
 
 
 def load_random(
@@ -202,7 +209,7 @@ def load_random(
     with torch.random.fork_rng(devices=[] if target.type == "cpu" else [target]), target:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=_dtype(dtype))
-    return _finish(model, tokenizer, name)
+    return finish_loading(model, tokenizer, name)
 
 
 def load_pretrained(
@@ -249,4 +256,4 @@ def load_pretrained(
             "Download them where there is internet (e.g. `hf download <id> --local-dir DIR`) and "
             "set model.name_or_path=DIR"
         ) from e
-    return _finish(model, tokenizer, name)
+    return finish_loading(model, tokenizer, name)
