@@ -12,7 +12,14 @@ from palign.data.papi import Subject
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
 from palign.methods.base import MethodContext
-from palign.methods.ppo import PPO, answer_reward, clipped_surrogate, gae, token_rewards
+from palign.methods.ppo import (
+    PPO,
+    PPOModule,
+    answer_reward,
+    clipped_surrogate,
+    gae,
+    token_rewards,
+)
 from palign.models import load_random
 from palign.run import run
 
@@ -108,3 +115,26 @@ def test_ppo_end_to_end(cfg_factory):
     )
     dpo_row = json.loads((out / "compare" / "dpo.jsonl").read_text())
     assert dpo_row["align_info"]["steps"] == 20
+
+
+def test_each_step_rolls_out_batch_size_distinct_items(papi, tiny, monkeypatch):
+    """Every optimiser step generates for ``batch_size`` distinct alignment items (a list of
+    batches handed to Lightning as is would be zipped into ``steps`` rows per step)."""
+    seen = []
+    rollout = PPOModule._rollout
+
+    def recording(self, rows):
+        seen.append(list(rows))
+        return rollout(self, rows)
+
+    monkeypatch.setattr(PPOModule, "_rollout", recording)
+    scorer = Scorer(tiny, ScoringConfig(batch_size=16))
+    method = PPO(steps=3, batch_size=5, max_new_tokens=2)
+    method.setup(MethodContext(papi, scorer))
+    before = tiny.meter.snapshot()
+    method.align(papi.subjects[0], papi.inventory.train_items)
+    cost = tiny.meter.snapshot() - before
+    method.teardown()
+    assert [len(rows) for rows in seen] == [5, 5, 5]
+    assert all(len(set(rows)) == 5 for rows in seen)
+    assert 3 * 5 <= cost.generated_tokens <= 3 * 5 * 2

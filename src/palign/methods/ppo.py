@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
 from palign.eval.scoring import eos_ids, parse_answer
@@ -239,7 +240,10 @@ class PPO(LoraMethod):
         torch.manual_seed(self.seed * 1_000_003 + subject.case)
         start = time.perf_counter()
         trainer = self.trainer(self.steps, f"ppo case {subject.case}", max_epochs=1)
-        trainer.fit(module, batches)
+        # One pre-drawn batch of row indices per step. A DataLoader that yields them as they are:
+        # Lightning would take a bare list as one dataloader per element and zip them, making a
+        # step's rows the first row of every batch (``steps`` rows instead of ``batch_size``).
+        trainer.fit(module, DataLoader(batches, batch_size=None))
         self.peft_model.eval()
         rewards = [h["reward"] for h in module.history]
         k = max(1, len(rewards) // 4)
