@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from palign.models.cost import CostMeter
+from palign.models.memory import check_fits_offline
 from palign.models.placement import check_device, placement_map
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,14 @@ def finish_loading(model, tokenizer, name: str) -> LoadedModel:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # bitsandbytes (0.50) repacks a 4-bit weight in place, on its first no-grad eval
+        # forward on an AVX512-BF16 CPU, for a fused kernel (gemv_4bit) without autograd that it
+        # then uses in training too: after scoring, DPO/PPO would get no gradient through any
+        # 4-bit layer (torch only warns). The unpacked path (dequantise, matmul) is
+        # differentiable.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
@@ -247,6 +256,8 @@ def load_pretrained(
             raise ModelLoadError(f"model.quantization of {name!r}: {e}") from None
     local = Path(name_or_path).expanduser()
     source = str(local) if local.exists() else name_or_path
+    if device_map is None:  # hand-pinned layers: the user has done the arithmetic
+        check_fits_offline(name, source, dtype, quantization, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kwargs)
@@ -255,5 +266,11 @@ def load_pretrained(
             f"model.name_or_path={name_or_path!r}: weights not available offline ({e.__class__.__name__}). "
             "Download them where there is internet (e.g. `hf download <id> --local-dir DIR`) and "
             "set model.name_or_path=DIR"
+        ) from e
+    except ValueError as e:  # e.g. a folder without tokenizer files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"model.name_or_path={name_or_path!r}: not a loadable model folder ({reason}); it "
+            "needs config.json, the tokenizer files and the weights"
         ) from e
     return finish_loading(model, tokenizer, name)
