@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_probes import synthetic  # random activations, PAPI-like labels (same folder)
 
 from palign.data import load_papi
 from palign.eval.scoring import Scorer, ScoringConfig
@@ -47,7 +48,7 @@ from palign.methods.dpo import DPO
 from palign.methods.pas import PAS
 from palign.models import load_random
 from palign.models.placement import placement_map
-from palign.pas.probes import fit_probes, mass_mean_directions, rank_heads, split_rows
+from palign.pas.probes import fit_probes, mass_mean_directions, rank_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_DPO_STEPS = 250
@@ -292,19 +293,6 @@ class Clock:
             row["peak_mem_bytes"] = max(row["peak_mem_bytes"] or 0, peak)
 
 
-def synthetic_probe_data(subjects: int, heads: int, dim: int, device: torch.device, seed=0):
-    """Random activations (240 contrastive rows x heads x dim) and PAPI-like labels and splits."""
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(rng.normal(size=(240, heads, dim)).astype(np.float32)).to(device)
-    answers = rng.choice([1, 2, 3, 4, 5], size=(subjects, 120), p=[0.05, 0.2, 0.3, 0.35, 0.1])
-    labelled = np.repeat(answers != 3, 2, axis=1)
-    is_a = np.tile([True, False], 120)
-    y = (np.where(np.repeat(answers >= 4, 2, axis=1), is_a, ~is_a) & labelled).astype(np.float32)
-    train = split_rows(np.repeat(np.arange(120), 2), labelled, 0.6, list(range(subjects)))
-    t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-    return x, t(y), t(labelled), t(train), t(labelled & ~train)
-
-
 def probe_fit(x, y, labelled, train, val, top_k: int) -> None:
     """What one PAS fit does for every subject: probes, ranking, mass-mean directions."""
     fit = fit_probes(x, y, train, val)
@@ -421,7 +409,7 @@ def main(argv=None) -> dict:
     # Probe-only: every head of the full shape (not cut), random activations, one PAS fit each.
     heads_full = full_config["num_hidden_layers"] * full_config["num_attention_heads"]
     head_dim = full_config["hidden_size"] // full_config["num_attention_heads"]
-    probe_data = synthetic_probe_data(args.probe_subjects, heads_full, head_dim, device)
+    probe_data = synthetic(args.probe_subjects, heads_full, head_dim, device)
     probe_top_k = min(24, heads_full)
     probe_fit(*(t[:1] if t.dim() == 2 else t for t in probe_data), top_k=probe_top_k)  # warm-up
     with clock.phase("probe_only"):
