@@ -109,8 +109,23 @@ def test_dpo_training_lowers_the_loss_and_restores_the_model(papi):
     method.setup(MethodContext(papi, scorer))
     subject = papi.subjects[0]
     artifact = method.align(subject, papi.inventory.train_items)
-    assert artifact.meta["loss_last"] < artifact.meta["loss_first"]
-    assert artifact.meta["margin_last"] > artifact.meta["margin_first"]
+    # The DPO loss over all of the subject's pairs: ln 2 before training (the fresh adapter has
+    # B = 0, so the policy is the reference), lower after it. (loss_first / loss_last, means
+    # over a quarter of the micro-batches each, are too noisy to tell after 12 steps.)
+    data = method._batches(subject, papi.inventory.train_items)
+    ref = method.reference_logps(data)
+    policy = torch.zeros_like(ref)
+    with method.adapter(artifact), torch.no_grad():
+        for start in range(0, len(data.rows), 8):
+            idx = list(range(start, min(start + 8, len(data.rows))))
+            b = data.collate(idx)
+            logps = sequence_logps(
+                method.peft_model, b["input_ids"], b["attention_mask"], b["completion_mask"]
+            )
+            policy[idx] = torch.stack(logps.chunk(2), -1)
+    loss, _, _ = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], method.beta)
+    assert float(loss) < float(torch.log(torch.tensor(2.0))) - 0.02
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in artifact.history])))
     answers = method.answer(subject, artifact, items)
     assert len(answers.scores) == 6
     after = scorer.score("You are a helpful, honest and concise assistant.", items).probs
@@ -129,3 +144,24 @@ def test_dpo_end_to_end(cfg_factory):
         out / "artifacts" / row["method"] / str(row["case"]) / "adapter.safetensors"
     ).stat().st_size > 0
     assert summary["timing"]["train_s_per_subject"] > 0
+
+
+def test_every_step_accumulates_a_full_batch(papi, tiny):
+    """7 optimiser steps of effective batch 8 (2 x 4): exactly 14 micro-batches of 4 pairs each
+    are forwarded, plus the reference log-probs once per pair: counted by the model's meter,
+    also when the steps need more micro-batches than one pass over the pairs holds."""
+    scorer = Scorer(tiny, ScoringConfig(batch_size=16))
+    method = DPO(steps=7, warmup_steps=1, batch_size=8, micro_batch_size=4)
+    method.setup(MethodContext(papi, scorer))
+    subject, items = papi.subjects[0], papi.inventory.train_items[:10]
+    pairs = len(method._batches(subject, items).rows)
+    assert pairs < 14 * 4  # the steps wrap around the pairs
+    before = tiny.meter.snapshot()
+    artifact = method.align(subject, items)
+    cost = tiny.meter.snapshot() - before
+    method.teardown()
+    reference = -(-pairs // 4)
+    assert cost.forward_calls == reference + 7 * 2
+    assert len(artifact.history) == 7 * 2  # one record per micro-batch
+    order = method._pair_order(pairs, subject.case, 14)
+    assert len(order) == 14 * 4 and sorted(order[:pairs]) == list(range(pairs))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -185,6 +186,17 @@ class DPO(LoraMethod):
             self.tokenizer.pad_token_id,
         )
 
+    def _pair_order(self, pairs: int, case: int, micro_batches: int) -> list[int]:
+        """Pair indices for exactly ``micro_batches`` micro-batches: seeded shuffles of all pairs,
+        one after another. One epoch of exactly what the steps need, so every optimiser step
+        accumulates ``batch_size`` pairs (Lightning steps at an epoch's end with whatever the
+        window holds, which would make some steps' batches smaller)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + case)
+        needed = micro_batches * self.micro_batch_size
+        rounds = math.ceil(needed / pairs)
+        order = torch.cat([torch.randperm(pairs, generator=generator) for _ in range(rounds)])
+        return order[:needed].tolist()
+
     @torch.no_grad()
     def reference_logps(self, data: PairBatches) -> torch.Tensor:
         """(pairs, 2) log-probabilities of chosen and rejected under the reference policy, on
@@ -211,35 +223,36 @@ class DPO(LoraMethod):
             )
         start = time.perf_counter()
         module = DPOModule(self, self.reference_logps(data))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + subject.case)
-        loader = DataLoader(
-            list(range(len(data.rows))),
-            batch_size=self.micro_batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=data.collate,
-        )
         accumulate = self.batch_size // self.micro_batch_size
         trainer = self.trainer(
-            self.steps,
-            f"dpo case {subject.case}",
-            max_epochs=math.ceil(self.steps * accumulate / max(len(loader), 1)) + 1,
-            accumulate_grad_batches=accumulate,
+            self.steps, f"dpo case {subject.case}", max_epochs=1, accumulate_grad_batches=accumulate
+        )
+        loader = DataLoader(
+            self._pair_order(len(data.rows), subject.case, self.steps * accumulate),
+            batch_size=self.micro_batch_size,
+            collate_fn=data.collate,
         )
         self.peft_model.train()
         trainer.fit(module, loader)
         self.peft_model.eval()
-        first, last = module.history[0], module.history[-1]
+        # Means over the first and the last quarter of the micro-batches: one micro-batch's loss
+        # is too noisy to tell whether training moved.
+        k = max(1, len(module.history) // 4)
+
+        def mean(key: str, part: list[dict]) -> float:
+            return float(np.mean([h[key] for h in part]))
+
+        first, last = module.history[:k], module.history[-k:]
         return self.artifact(
             subject,
             module.history,
             {
                 "pairs": len(data.rows),
                 "steps": self.steps,
-                "loss_first": first["loss"],
-                "loss_last": last["loss"],
-                "margin_first": first["margin"],
-                "margin_last": last["margin"],
+                "loss_first": mean("loss", first),
+                "loss_last": mean("loss", last),
+                "margin_first": mean("margin", first),
+                "margin_last": mean("margin", last),
                 "timing": {"train_s": time.perf_counter() - start},
             },
         )
