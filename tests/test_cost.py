@@ -93,6 +93,24 @@ def test_summary_reports_cost_per_subject_and_setup(cfg_factory, monkeypatch, tm
     assert "Model work per subject, counted" in (out / "report.md").read_text()
 
 
+class OutOfMemory:
+    """A device with room for ``more_than`` rows: a suffix forward of more rows raises
+    ``torch.OutOfMemoryError`` before the model runs, as a GPU would."""
+
+    def __init__(self, more_than: int):
+        self.more_than = more_than
+
+    def listen(self, stage, variant):
+        if stage == "suffix" and variant.shape[0] > self.more_than:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
 def test_out_of_memory_halves_the_batch_and_loses_nothing(papi, make_scorer, caplog):
     """A forward of more than 4 rows runs out of memory (injected before the model runs, as a
     device would): the run starts over with batches of 4, says so once, and answers as before."""
@@ -100,18 +118,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(papi, make_scorer, cap
     items = papi.inventory.test_items[:40]
     expected = scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
 
-    class SmallDevice:
-        def listen(self, stage, variant):
-            if stage == "suffix" and variant.shape[0] > 4:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    with caplog.at_level(logging.WARNING), scorer.applied(SmallDevice()):
+    with caplog.at_level(logging.WARNING), scorer.applied(OutOfMemory(more_than=4)):
         answers = scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
     assert scorer.batch_size == 4
     halvings = [r for r in caplog.records if "Out of device memory" in r.message]
@@ -126,17 +133,6 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(papi, make_scorer, cap
 def test_out_of_memory_with_one_row_is_raised(papi, make_scorer):
     scorer = make_scorer(batch_size=2)
 
-    class NoRoom:
-        def listen(self, stage, variant):
-            if stage == "suffix":
-                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-    with pytest.raises(torch.OutOfMemoryError), scorer.applied(NoRoom()):
+    with pytest.raises(torch.OutOfMemoryError), scorer.applied(OutOfMemory(more_than=0)):
         scorer.score(NEUTRAL_SYSTEM_PROMPT, papi.inventory.test_items[:3])
     assert scorer.batch_size == 1

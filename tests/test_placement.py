@@ -7,6 +7,8 @@ the loader hands the model over until the run ends. On a GPU each such call woul
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -110,9 +112,13 @@ def test_the_spy_sees_lightnings_own_strategy_move_the_model(monkeypatch, tiny):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_a_gpu_device_without_cuda_is_one_line(tmp_path):
+def test_a_gpu_device_without_cuda_is_one_line_and_writes_nothing(cfg_factory):
     with pytest.raises(PlacementError, match=r"hardware.device='cuda': no CUDA GPU is visible"):
         check_device("cuda")
+    cfg = cfg_factory("model=tiny_llama", "method=no_change", "dataset.limit=1", "hardware=gpu")
+    with pytest.raises(PlacementError, match=r"hardware.device='cuda'"):
+        run(cfg)
+    assert not Path(cfg.paths.output_dir).exists()  # refused before the run dir was made
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])

@@ -396,6 +396,9 @@ def run(cfg: DictConfig) -> dict:
     With ``resume=<run dir>`` the subjects already finished there are not evaluated again."""
     out_dir = Path(cfg.paths.output_dir)
     check_resume(cfg, out_dir)
+    if get_class(cfg.method._target_).uses_llm:  # before anything is written into the run dir
+        check_device(cfg.hardware.device)
+        check_precision(cfg.hardware.precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     for key, value in (cfg.hardware.get("env") or {}).items():
         os.environ.setdefault(str(key), str(value))
@@ -416,8 +419,6 @@ def run(cfg: DictConfig) -> dict:
     scorer = None
     model_name = "none (no LLM)"
     if method.uses_llm:
-        check_device(cfg.hardware.device)
-        check_precision(cfg.hardware.precision)
         loaded = build(cfg.model)
         model_name = loaded.name
         scorer = Scorer(
