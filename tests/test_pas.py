@@ -8,15 +8,17 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from conftest import TINY_LLAMA
+from palign.data.papi import HiddenAnswerError
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
-from palign.methods.base import MethodContext
+from palign.methods.base import Candidates, MethodContext
 from palign.methods.pas import PAS
 from palign.models import load_random
 from palign.pas.activations import contrastive_activations
 from palign.pas.heads import HeadShift, PASError, fold_into_bias, head_layout, unfold_bias
 from palign.pas.probes import fit_probes, mass_mean_directions, rank_heads, split_rows
 from palign.pas.profile import PASProfile
+from palign.run import evaluate_group
 
 TINY = {
     "llama": TINY_LLAMA,
@@ -280,14 +282,29 @@ def test_clean_selection_never_reads_test_items(papi, pas_factory):
 
 
 def test_paper_selection_uses_test_items_and_says_so(papi, pas_factory):
+    """protocol=paper: PAS answers under every alpha without seeing a test answer (its subject
+    hides them); the evaluation chooses the alpha on the test items, labels the row and keeps
+    every candidate's answers in the table."""
     method = pas_factory(selection="test_items", ranking="mean_train_val")
     subject = papi.subjects[0]
-    artifact = method.align(subject, papi.inventory.train_items)
+    hidden = subject.seen_only(papi.inventory.train)
+    with pytest.raises(HiddenAnswerError, match="hidden from the method"):
+        hidden.answers(papi.inventory.test[:1])
+    artifact = method.align(hidden, papi.inventory.train_items)
     assert artifact.profile.alpha is None
-    answers = method.answer(subject, artifact, papi.inventory.test_items)
-    assert len(answers.scores) == 180
-    assert artifact.meta["alpha_selected_on"] == "test_items"
-    assert set(artifact.meta["alpha_scores_on_test_items"]) == {"0.0", "2.0"}
+    candidates = method.answer(hidden, artifact, papi.inventory.test_items)
+    assert isinstance(candidates, Candidates) and candidates.values == [0.0, 2.0]
+    assert [len(a.scores) for a in candidates.answers] == [180, 180]
+
+    ((row, artifact, table),) = evaluate_group(method, [subject], papi.inventory)
+    scores = artifact.meta["alpha_scores_on_test_items"]
+    assert set(scores) == {"0.0", "2.0"} and row["selected_on_test_items"] == "alpha"
+    best = min(scores, key=lambda a: (not np.isfinite(scores[a]), scores[a]))
+    assert artifact.profile.alpha == row["align_info"]["alpha"] == float(best)
+    assert row["align_info"]["alpha_selected_on"] == "test_items"
+    assert len(table) == 360 and table["selected"].sum() == 180
+    assert set(table.loc[table["selected"], "value"]) == {float(best)}
+    assert row["score"] == pytest.approx(scores[best], abs=0)
 
 
 def test_profile_round_trip_and_shape_check(papi, pas_factory, tmp_path):

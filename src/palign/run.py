@@ -1,6 +1,7 @@
 """The evaluation runner: align and evaluate one method on the selected subjects, write outputs.
 
-Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``results/<method>/<case>.json``
+Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``answers/<method>/<case>.csv``
+(every answer, item by item: :mod:`palign.eval.answers`), ``results/<method>/<case>.json``
 (one row per subject, written atomically as it finishes; what ``resume`` reads),
 ``results.jsonl`` and ``compare/<method>.jsonl`` (the rows in subject order), ``summary.json``,
 ``report.md`` and, if enabled, one artifact folder per subject under
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -28,9 +30,10 @@ from tqdm.auto import tqdm
 from palign import __version__
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, PapiDataError, Subject, load_papi, select_subjects
-from palign.eval.metrics import subject_metrics
+from palign.eval.answers import answer_table, table_metrics, write_table
+from palign.eval.metrics import best_candidate
 from palign.eval.scoring import Scorer, ScoringConfig, ScoringError
-from palign.methods.base import Artifact, ConfigError, Method, MethodContext
+from palign.methods.base import Answers, Artifact, Candidates, ConfigError, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
 from palign.models.loading import ModelLoadError
@@ -52,23 +55,26 @@ def evaluate_group(
     subjects: Sequence[Subject],
     inventory: Inventory,
     meter: CostMeter | None = None,
-) -> list[tuple[dict, Artifact]]:
+) -> list[tuple[dict, Artifact, pd.DataFrame]]:
     """Align ``method`` on the subjects' alignment items, answer the test items, score them:
-    one result row and artifact per subject. The subjects go through the method together (a
-    method that batches subjects does so); each row gets an equal share of the group's time and
-    of the forwards ``meter`` counted (``cost``: forward calls, tokens forwarded, generated
-    tokens, for aligning and for answering)."""
+    one result row, artifact and answers table (:mod:`palign.eval.answers`) per subject. The
+    method sees only the alignment answers; where it leaves a hyper-parameter to the evaluation
+    (:class:`Candidates`, protocol=paper), it is chosen here on the test items and the row says
+    so (``selected_on_test_items``). The subjects go through the method together (a method
+    that batches subjects does so); each row gets an equal share of the group's time and of the
+    forwards ``meter`` counted (``cost``: forward calls, tokens forwarded, generated tokens, for
+    aligning and for answering)."""
     n = len(subjects)
+    seen = [s.seen_only(inventory.train) for s in subjects]
     start, cost0 = time.perf_counter(), meter.snapshot() if meter else None
-    artifacts = method.align_group(subjects, inventory.train_items)
+    artifacts = method.align_group(seen, inventory.train_items)
     aligned, cost1 = time.perf_counter(), meter.snapshot() if meter else None
-    answers = method.answer_group(subjects, artifacts, inventory.test_items)
+    answers = method.answer_group(seen, artifacts, inventory.test_items)
     done, cost2 = time.perf_counter(), meter.snapshot() if meter else None
     out = []
     for subject, artifact, answer in zip(subjects, artifacts, answers, strict=True):
-        metrics = subject_metrics(
-            answer.scores, subject.answers(inventory.test), inventory.test_items
-        )
+        table, selected_on_test = answers_of(method.name, subject, inventory, answer, artifact)
+        metrics = table_metrics(table)
         info = {k: v for k, v in artifact.meta.items() if k != "timing"}
         row = {
             "case": subject.case,
@@ -80,22 +86,57 @@ def evaluate_group(
                 **artifact.meta.get("timing", {}),
             },
             **({"align_info": info} if info else {}),
+            **({"selected_on_test_items": selected_on_test} if selected_on_test else {}),
         }
         if meter is not None:
             row["cost"] = {"align": (cost1 - cost0) / n, "answer": (cost2 - cost1) / n}
             if n > 1:
                 row["subject_batch"] = n
-        out.append((row, artifact))
+        out.append((row, artifact, table))
     return out
 
 
-def baseline_rows(data: PapiData, subjects: Sequence[Subject]) -> dict[str, list[dict]]:
-    """Per-subject result rows of every statistical baseline on ``subjects``."""
+def answers_of(
+    method: str,
+    subject: Subject,
+    inventory: Inventory,
+    answer: Answers | Candidates,
+    artifact: Artifact,
+) -> tuple[pd.DataFrame, str | None]:
+    """The subject's answers table, and the name of the hyper-parameter chosen on the test
+    items (None when the method chose everything itself). Choosing among :class:`Candidates`
+    is the one place where a test answer selects anything: by the lowest Score (ties: the
+    first), recorded in the artifact (``<name>``, ``<name>_scores_on_test_items``) and the
+    table (every candidate's answers, the chosen one ``selected``)."""
+    items, target = inventory.test_items, subject.answers(inventory.test)
+    if isinstance(answer, Answers):
+        return answer_table(subject.case, method, items, target, answer), None
+    best, scores = best_candidate([a.scores for a in answer.answers], target, items)
+    artifact.choose(answer.name, answer.values[best])
+    artifact.meta[f"{answer.name}_scores_on_test_items"] = {
+        str(v): s for v, s in zip(answer.values, scores, strict=True)
+    }
+    tables = [
+        answer_table(subject.case, method, items, target, a, selected=i == best)
+        for i, a in enumerate(answer.answers)
+    ]
+    return pd.concat(tables, ignore_index=True), answer.name
+
+
+def baseline_rows(
+    data: PapiData, subjects: Sequence[Subject], answers_dir: Path | None = None
+) -> dict[str, list[dict]]:
+    """Per-subject result rows of every statistical baseline on ``subjects``; with
+    ``answers_dir``, their answers too (``answers_dir/<baseline>/<case>.csv``)."""
     out = {}
     for cls in BASELINES:
         baseline = cls()
         baseline.setup(MethodContext(data))
-        out[baseline.name] = [row for row, _ in evaluate_group(baseline, subjects, data.inventory)]
+        out[baseline.name] = []
+        for row, _, table in evaluate_group(baseline, subjects, data.inventory):
+            if answers_dir is not None:
+                write_table(answers_dir / baseline.name / f"{row['case']}.csv", table)
+            out[baseline.name].append(row)
     return out
 
 
@@ -142,14 +183,16 @@ def evaluate_all(
     subjects: Sequence[Subject],
     inventory: Inventory,
     rows_dir: Path,
+    answers_dir: Path,
     artifacts: Path | None = None,
     tracker: RunTracker | None = None,
     meter: CostMeter | None = None,
 ) -> list[dict]:
     """Evaluate ``method`` on every subject, ``method.subject_batch`` at a time, with a progress
-    bar. Each subject's row is written atomically to ``rows_dir/<case>.json`` as soon as its
-    group is done (after its artifact), so a killed run loses at most the group in flight;
-    subjects whose row is already there are not evaluated again (``resume``)."""
+    bar. Each subject's answers (``answers_dir/<case>.csv``), artifact and then row
+    (``rows_dir/<case>.json``) are written atomically as soon as its group is done, so a killed
+    run loses at most the group in flight; subjects whose row is already there are not
+    evaluated again (``resume``)."""
     done = finished_rows(rows_dir)
     if done:
         log.info("%s: %d finished subject(s) found in %s", method.name, len(done), rows_dir)
@@ -161,9 +204,10 @@ def evaluate_all(
     )
     bar.update(len(subjects) - len(pending))
     for start in range(0, len(pending), size):
-        for row, artifact in evaluate_group(
+        for row, artifact, table in evaluate_group(
             method, pending[start : start + size], inventory, meter
         ):
+            write_table(answers_dir / f"{row['case']}.csv", table)
             if artifacts is not None:
                 artifact.save(artifacts / str(row["case"]))
             write_atomic(rows_dir / f"{row['case']}.json", json.dumps(row))
@@ -440,6 +484,7 @@ def run(cfg: DictConfig) -> dict:
                 subjects,
                 data.inventory,
                 out_dir / "results" / m.name,
+                out_dir / "answers" / m.name,
                 artifacts=artifacts / m.name if artifacts else None,
                 tracker=tracker,
                 meter=meter,
@@ -457,7 +502,7 @@ def run(cfg: DictConfig) -> dict:
             for name, r in rows.items()
             if name != method.name
         }
-        baselines = baseline_rows(data, subjects)
+        baselines = baseline_rows(data, subjects, out_dir / "answers")
         summary = summarize(
             cfg, method, model_name, data, subjects, rows[method.name], compare, baselines
         )

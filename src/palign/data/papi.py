@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,10 @@ _SIGN = re.compile(r"^([+-])([ACENO])(\d+)$")
 
 class PapiDataError(ValueError):
     """A PAPI file is missing or malformed; the message names the file and the record."""
+
+
+class HiddenAnswerError(LookupError):
+    """A method asked for a subject's answer it must not see (a test item)."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,25 @@ class Subject:
     index: int
     raw: np.ndarray
     persona: str | None = field(default=None, repr=False)
+    #: Item numbers whose answers may be read (None: all); see :meth:`seen_only`.
+    visible: frozenset[int] | None = field(default=None, repr=False)
 
     def answers(self, numbers: Sequence[int]) -> np.ndarray:
-        """Raw answers to the given items, shape (len(numbers),), int64."""
-        return self.raw[np.asarray(numbers, dtype=np.int64) - 1].astype(np.int64)
+        """Raw answers to the given items, shape (len(numbers),), int64. Raises
+        :class:`HiddenAnswerError` for an item outside :attr:`visible`."""
+        numbers = np.asarray(numbers, dtype=np.int64)
+        if self.visible is not None:
+            hidden = [int(n) for n in numbers if int(n) not in self.visible]
+            if hidden:
+                raise HiddenAnswerError(
+                    f"case {self.case}: the answers to item(s) {hidden[:5]} are hidden from the "
+                    "method (only the alignment items are visible to it)"
+                )
+        return self.raw[numbers - 1].astype(np.int64)
+
+    def seen_only(self, numbers: Iterable[int]) -> Subject:
+        """This subject as a method sees it: only the answers to ``numbers`` can be read."""
+        return replace(self, visible=frozenset(int(n) for n in numbers))
 
 
 @dataclass

@@ -43,14 +43,22 @@ def subject_metrics(
     predicted: np.ndarray, target: np.ndarray, items: Sequence[Item]
 ) -> SubjectMetrics:
     """``predicted``, ``target``: raw answers (n_items,), 0 = unparsed / missing."""
+    return metrics_of(predicted, target, [it.trait for it in items], [it.key for it in items])
+
+
+def metrics_of(
+    predicted: np.ndarray, target: np.ndarray, traits: Sequence[str], keys: Sequence[int]
+) -> SubjectMetrics:
+    """:func:`subject_metrics` from each item's trait letter and key (+1/-1) instead of items
+    (e.g. the columns of an answers file)."""
     predicted = np.asarray(predicted, dtype=np.int64)
     target = np.asarray(target, dtype=np.int64)
-    if predicted.shape != target.shape or predicted.shape != (len(items),):
+    traits, key = np.asarray(traits), np.asarray(keys, dtype=np.int64)
+    if not predicted.shape == target.shape == traits.shape == key.shape or predicted.ndim != 1:
         raise ValueError(
-            f"shapes differ: predicted {predicted.shape}, target {target.shape}, {len(items)} items"
+            f"shapes differ: predicted {predicted.shape}, target {target.shape}, traits "
+            f"{traits.shape}, keys {key.shape}"
         )
-    traits = np.array([it.trait for it in items])
-    key = np.array([it.key for it in items])
     parsed = predicted != UNPARSED
     known = target != 0
     err = np.abs(predicted - target)
@@ -67,7 +75,7 @@ def subject_metrics(
     return SubjectMetrics(
         mae=mae,
         score=float(sum(mae.values())),
-        unk_rate=float((~parsed).mean()) if len(items) else 0.0,
+        unk_rate=float((~parsed).mean()) if len(predicted) else 0.0,
         answers=hist,
         n_scored=n_scored,
         model_means=model_means,
@@ -83,3 +91,14 @@ def mean_mae(rows: Sequence[dict[str, float]]) -> dict[str, float]:
         finite = values[np.isfinite(values)]
         out[t] = float(finite.mean()) if finite.size else float("nan")
     return out
+
+
+def best_candidate(
+    predictions: Sequence[np.ndarray], target: np.ndarray, items: Sequence[Item]
+) -> tuple[int, list[float]]:
+    """The index of the candidate answers (each (n_items,) raw) with the lowest Score against
+    ``target``, and every candidate's Score. A NaN Score (a trait without a parsed answer)
+    ranks last; ties go to the first candidate (as the reference code's ``argmin``)."""
+    scores = [subject_metrics(p, target, items).score for p in predictions]
+    finite = [s if np.isfinite(s) else np.inf for s in scores]
+    return int(np.argmin(finite)), scores

@@ -33,11 +33,13 @@ class Answers:
     ``scores``: (n,) raw answers 1..5, 0 where no answer could be parsed.
     ``probs``: (n, 5) probabilities of options A..E (logit scoring), else None.
     ``texts``: generated texts (generative scoring), else None.
+    ``setting``: (name, value) of the hyper-parameter they were answered under (PAS: alpha).
     """
 
     scores: np.ndarray
     probs: np.ndarray | None = None
     texts: list[str] | None = None
+    setting: tuple[str, float] | None = None
 
     def __getitem__(self, rows: slice) -> Answers:
         """The answers of ``rows`` (a slice of the items)."""
@@ -45,6 +47,7 @@ class Answers:
             scores=self.scores[rows],
             probs=None if self.probs is None else self.probs[rows],
             texts=None if self.texts is None else self.texts[rows],
+            setting=self.setting,
         )
 
     @property
@@ -56,6 +59,18 @@ class Answers:
 
 
 @dataclass
+class Candidates:
+    """A method's answers under each value of a hyper-parameter it leaves to the evaluation
+    (protocol=paper: PAS's alpha, which the reference code chooses on the test items). The
+    method never sees the test answers: the evaluation chooses (:func:`palign.eval.metrics.
+    select_on_test_items`), labels the row and tells the artifact (:meth:`Artifact.choose`)."""
+
+    name: str
+    values: list[float]
+    answers: list[Answers]
+
+
+@dataclass
 class Artifact:
     """What aligning on one subject produced. Subclasses add fields and extend :meth:`save`.
     ``history``: per-step training metrics (one dict per optimiser step) of methods that train,
@@ -64,6 +79,10 @@ class Artifact:
     case: int
     meta: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] | None = None
+
+    def choose(self, name: str, value: float) -> None:
+        """Record the value of ``name`` the evaluation chose among :class:`Candidates`."""
+        self.meta[name] = value
 
     def save(self, directory: Path) -> None:
         """Write the artifact into ``directory`` (created)."""
@@ -111,8 +130,11 @@ class Method(ABC):
         return []
 
     @abstractmethod
-    def answer(self, subject: Subject, artifact: Artifact, items: Sequence[Item]) -> Answers:
-        """Answer ``items`` as ``subject`` would, using only ``artifact`` from ``subject``."""
+    def answer(
+        self, subject: Subject, artifact: Artifact, items: Sequence[Item]
+    ) -> Answers | Candidates:
+        """Answer ``items`` as ``subject`` would, using only ``artifact`` from ``subject`` (whose
+        answers to ``items`` are hidden: reading them raises)."""
 
     def align_group(self, subjects: Sequence[Subject], items: Sequence[Item]) -> list[Artifact]:
         """:meth:`align` for each subject (a method that batches subjects overrides this)."""
@@ -120,6 +142,6 @@ class Method(ABC):
 
     def answer_group(
         self, subjects: Sequence[Subject], artifacts: Sequence[Artifact], items: Sequence[Item]
-    ) -> list[Answers]:
+    ) -> list[Answers | Candidates]:
         """:meth:`answer` for each subject with its artifact (batched by methods that can)."""
         return [self.answer(s, a, items) for s, a in zip(subjects, artifacts, strict=True)]

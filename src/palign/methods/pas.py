@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from palign.constants import TRAITS
 from palign.data.papi import Item, Subject
-from palign.eval.metrics import subject_metrics
+from palign.eval.metrics import best_candidate
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
-from palign.methods.base import Answers, Artifact, Method, MethodContext
+from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.pas.activations import contrastive_activations
 from palign.pas.heads import HeadShift, PASError, head_layout
 from palign.pas.probes import (
@@ -55,6 +55,11 @@ class PASArtifact(Artifact):
 
     profile: PASProfile | None = None
     head_accuracy: np.ndarray | None = None
+
+    def choose(self, name: str, value: float) -> None:
+        super().choose(name, value)
+        if name == "alpha":
+            self.profile.alpha = value
 
     def save(self, directory: Path) -> None:
         super().save(directory)
@@ -290,13 +295,6 @@ class PAS(Method):
                 start += size
         return out
 
-    def _best_alpha(
-        self, predictions: np.ndarray, target: np.ndarray, items: Sequence[Item]
-    ) -> tuple[float, list]:
-        scores = [subject_metrics(p, target, items).score for p in predictions]
-        finite = [s if np.isfinite(s) else np.inf for s in scores]
-        return self.alphas[int(np.argmin(finite))], scores
-
     def notes(self, rows: Sequence[dict]) -> list[str]:
         alphas = [r["align_info"]["alpha"] for r in rows if "align_info" in r]
         counts = {a: alphas.count(a) for a in sorted(set(alphas))}
@@ -366,10 +364,8 @@ class PAS(Method):
                 for s, answers in enumerate(self.score_alphas(jobs)):
                     predictions[s][:, ~usable[s]] = answers.scores.reshape(n_alphas, -1)
             for s, subject in enumerate(subjects):
-                alpha, scores = self._best_alpha(
-                    predictions[s], subject.answers(numbers), self.items
-                )
-                chosen[s] = alpha
+                best, scores = best_candidate(predictions[s], subject.answers(numbers), self.items)
+                alpha = chosen[s] = self.alphas[best]
                 metas[s]["alpha_scores"] = dict(zip(map(str, self.alphas), scores))
                 metas[s]["selection_score"] = scores[self.alphas.index(alpha)]
                 metas[s]["folds"] = self.folds
@@ -397,10 +393,11 @@ class PAS(Method):
 
     def answer_group(
         self, subjects: Sequence[Subject], artifacts: Sequence[PASArtifact], items: Sequence[Item]
-    ) -> list[Answers]:
-        """All subjects' items under their chosen alphas in one scorer run (under
-        ``selection=test_items``, under every alpha, then the best one per subject on the test
-        items, recorded and labelled as such)."""
+    ) -> list[Answers | Candidates]:
+        """All subjects' items under their chosen alphas in one scorer run. Under
+        ``selection=test_items`` (protocol=paper) the alpha is not chosen yet: the items are
+        answered under every alpha and the evaluation chooses on the test answers (which PAS
+        never sees) as :class:`Candidates`."""
         everything = np.ones(len(self.items), dtype=bool)
         jobs = [
             (
@@ -411,19 +408,12 @@ class PAS(Method):
             )
             for s, a in zip(subjects, artifacts, strict=True)
         ]
-        out = []
-        for subject, artifact, answers in zip(subjects, artifacts, self.score_alphas(jobs)):
-            profile = artifact.profile
-            if profile.alpha is not None:
-                out.append(answers)
-                continue
-            predictions = answers.scores.reshape(len(self.alphas), len(items))
-            target = subject.answers([it.number for it in items])
-            alpha, scores = self._best_alpha(predictions, target, items)
-            profile.alpha = alpha
-            profile.meta["alpha_scores_on_test_items"] = dict(zip(map(str, self.alphas), scores))
-            artifact.meta.update(
-                alpha=alpha, alpha_scores_on_test_items=profile.meta["alpha_scores_on_test_items"]
-            )
-            out.append(Answers(scores=predictions[self.alphas.index(alpha)]))
+        out: list[Answers | Candidates] = []
+        for artifact, (*_, alphas), answers in zip(artifacts, jobs, self.score_alphas(jobs)):
+            per_alpha = [
+                replace(answers[a * len(items) : (a + 1) * len(items)], setting=("alpha", alpha))
+                for a, alpha in enumerate(alphas)
+            ]
+            chosen = artifact.profile.alpha is not None
+            out.append(per_alpha[0] if chosen else Candidates("alpha", list(alphas), per_alpha))
         return out
