@@ -11,12 +11,14 @@ from conftest import TINY_LLAMA
 from palign.data.papi import Subject
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
+from palign.methods import ppo
 from palign.methods.base import MethodContext
 from palign.methods.ppo import (
     PPO,
     PPOModule,
     answer_reward,
     clipped_surrogate,
+    dropout_disabled,
     gae,
     token_rewards,
 )
@@ -81,7 +83,9 @@ def test_reward_rises_for_a_subject_who_answers_a_to_everything(papi):
         loaded.model.lm_head.weight[letters] = 22.0 * hidden / hidden.norm() ** 2 + noise
     before = scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:16]).probs[:, 0].mean()
     subject = Subject(case=1, index=0, raw=np.full(300, 5))
-    method = PPO(steps=16, batch_size=16, max_new_tokens=1, lr=5e-3, ppo_epochs=4, kl_coef=0.0)
+    # ``steps`` counts optimiser steps: 32 of 4 PPO epochs are 8 rollouts, and the first and last
+    # quarters compared below are 2 rollouts of 16 items each (1 rollout each was too noisy).
+    method = PPO(steps=32, batch_size=16, max_new_tokens=1, lr=5e-3, ppo_epochs=4, kl_coef=0.0)
     method.setup(MethodContext(papi, scorer))
     artifact = method.align(subject, items)
     assert artifact.meta["reward_last"] > artifact.meta["reward_first"] + 0.5, artifact.meta
@@ -138,3 +142,65 @@ def test_each_step_rolls_out_batch_size_distinct_items(papi, tiny, monkeypatch):
     assert [len(rows) for rows in seen] == [5, 5, 5]
     assert all(len(set(rows)) == 5 for rows in seen)
     assert 3 * 5 <= cost.generated_tokens <= 3 * 5 * 2
+
+
+def dropout_rates(model: torch.nn.Module) -> dict[tuple[str, str], float]:
+    """Every dropout rate of ``model``: dropout modules' ``p``, float ``attention_dropout``."""
+    return {
+        (name, attr): getattr(module, attr)
+        for name, module in model.named_modules()
+        for attr in ("p", "attention_dropout")
+        if (attr == "p" and isinstance(module, torch.nn.Dropout))
+        or (attr != "p" and type(getattr(module, attr, None)) is float)
+    }
+
+
+def test_dropout_disabled_zeroes_every_rate_and_restores_them():
+    attention = torch.nn.Module()
+    attention.attention_dropout, attention.dropout = 0.1, 0.2
+    model = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.AlphaDropout(0.4), attention)
+    with dropout_disabled(model):
+        assert [model[0].p, model[1].p, attention.attention_dropout, attention.dropout] == [0.0] * 4
+        x = torch.randn(3, 5)
+        assert torch.equal(model[0](x), x) and model[0].training
+    assert [model[0].p, model[1].p, attention.attention_dropout, attention.dropout] == [
+        0.3,
+        0.4,
+        0.1,
+        0.2,
+    ]
+
+
+def test_first_ppo_ratio_is_exactly_one_with_lora_dropout(papi, tiny, monkeypatch):
+    """Each step's first PPO epoch compares the policy with itself: ratio exp(new - old) is exactly
+    1 on every token, although LoRA dropout is 0.5 (the old log-probs were taken without dropout,
+    the new ones with it: ratios 0.91..1.11 from the second step on, once LoRA's B is not 0).
+    Dropout is off for the fit (TRL's disable_dropout) and its rates are back afterwards."""
+    calls = []
+    surrogate = ppo.clipped_surrogate
+
+    def recording(logp, old_logp, *args, **kwargs):
+        calls.append((logp.detach().clone(), old_logp.clone()))
+        return surrogate(logp, old_logp, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "clipped_surrogate", recording)
+    scorer = Scorer(tiny, ScoringConfig(batch_size=16))
+    # steps counts optimiser steps: 6 of them are 3 rollouts of 2 PPO epochs each.
+    method = PPO(steps=6, batch_size=4, max_new_tokens=3, ppo_epochs=2, lr=1e-2, lora_dropout=0.5)
+    method.setup(MethodContext(papi, scorer))
+    try:
+        rates = dropout_rates(method.peft_model)
+        assert 0.5 in rates.values()
+        artifact = method.align(papi.subjects[0], papi.inventory.train_items)
+        assert dropout_rates(method.peft_model) == rates
+    finally:
+        method.teardown()
+    first, second = calls[0::2], calls[1::2]
+    assert len(first) == len(artifact.history) >= 2
+    for logp, old_logp in first:
+        ratio = torch.exp(logp - old_logp)
+        assert torch.equal(ratio, torch.ones_like(ratio)), (ratio - 1).abs().max()
+    # The policy does move: after an optimiser step the ratio is no longer 1.
+    assert all(not torch.equal(logp, old_logp) for logp, old_logp in second)
+    assert all(h["ratio_first_max_dev"] == 0.0 for h in artifact.history), artifact.history
+    assert all(h["ratio_first_mean"] == 1.0 for h in artifact.history), artifact.history

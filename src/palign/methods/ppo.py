@@ -6,12 +6,21 @@ and scores it: reward = -|answer - subject's answer| on the 1..5 scale, -6 when 
 parsed. Per-token rewards add a KL penalty ``-kl_coef * (log pi - log pi_ref)`` (reference =
 adapter disabled); advantages by GAE over a value head on the last hidden state; the clipped
 surrogate and the value loss are optimised with Lightning's manual optimisation.
+
+Dropout is off for the whole fit (:func:`dropout_disabled`; TRL's
+``PPOConfig(disable_dropout=True)`` does the same): the rollout's ("old") log-probs and each
+update's ("new") log-probs are then the same computation (same sequences, mask, positions,
+precision and module mode), so the probability ratio of a batch's first PPO epoch is exactly 1 and
+clipping acts only on the policy's own change. With LoRA dropout on, old log-probs of a
+dropout-free pass were compared with new ones under a random dropout mask: the first ratio was
+noise rather than 1.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import lightning as L
 import numpy as np
@@ -87,6 +96,39 @@ def clipped_surrogate(
     return (loss * mask).sum() / mask.sum().clamp(min=1)
 
 
+#: torch's dropout modules (their rate is ``p``).
+DROPOUT_MODULES = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+#: Float attributes of modules that hold a dropout rate applied in training mode (Hugging Face
+#: attention modules keep ``attention_dropout`` as a number, not as an ``nn.Dropout``).
+DROPOUT_RATE_ATTRIBUTES = ("attention_dropout", "dropout")
+
+
+@contextmanager
+def dropout_disabled(model: nn.Module) -> Iterator[None]:
+    """Every dropout of ``model`` off for the block, restored after: ``p = 0`` on each
+    ``nn.Dropout`` (LoRA's ``lora_dropout`` included) and 0.0 for the float dropout rates of
+    :data:`DROPOUT_RATE_ATTRIBUTES`. Training mode is left as it is."""
+    saved: list[tuple[nn.Module, str, float]] = []
+    for module in model.modules():
+        names = ["p"] if isinstance(module, DROPOUT_MODULES) else []
+        names += [n for n in DROPOUT_RATE_ATTRIBUTES if type(getattr(module, n, None)) is float]
+        for name in names:
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
+
+
 def response_stats(model, value_head, ids, mask, response_len: int, with_values: bool = True):
     """Per-token log-probs (B, R) of the last ``response_len`` tokens and, optionally, values."""
     logp, hidden = last_token_logprobs(model, ids, mask, response_len, hidden=with_values)
@@ -94,7 +136,9 @@ def response_stats(model, value_head, ids, mask, response_len: int, with_values:
 
 
 class PPOModule(L.LightningModule):
-    """One subject's PPO run; ``history`` keeps mean reward, KL and losses per step."""
+    """One subject's PPO run; ``history`` keeps mean reward, KL and losses per step, and the
+    probability ratio of the step's first PPO epoch (``ratio_first_mean``, and
+    ``ratio_first_max_dev`` = max |ratio - 1| over response tokens: 0 by construction)."""
 
     def __init__(self, method: PPO, prompts: list[list[int]], targets: list[int]):
         super().__init__()
@@ -135,6 +179,9 @@ class PPOModule(L.LightningModule):
             (ended == 0) | ((ended == 1) & torch.isin(response, eos))
         ).float()  # through the EOS
         m.context.scorer.loaded.meter.generated(int(resp_mask.sum()))
+        # The old log-probs, values and reference log-probs in the module mode of the update
+        # (with dropout off for the fit, the first PPO epoch repeats this forward exactly).
+        self.model.train()
         full_mask = torch.cat([mask, resp_mask.long()], -1)
         texts = [
             m.answer_prefix + t
@@ -166,11 +213,17 @@ class PPOModule(L.LightningModule):
         seq, full_mask, resp_mask, old_logp, adv, returns, score, kl = self._rollout(
             [int(r) for r in batch]
         )
-        self.model.train()
-        for _ in range(m.ppo_epochs):
+        for epoch in range(m.ppo_epochs):
             logp, values = response_stats(
                 self.model, self.value_head, seq, full_mask, resp_mask.shape[1]
             )
+            if epoch == 0:
+                with torch.no_grad():
+                    ratio = torch.exp(logp - old_logp)
+                    first = {
+                        "ratio_first_mean": ((ratio * resp_mask).sum() / resp_mask.sum()).item(),
+                        "ratio_first_max_dev": ((ratio - 1).abs() * resp_mask).max().item(),
+                    }
             pg = clipped_surrogate(logp, old_logp, adv, resp_mask, m.clip)
             vf = (((values - returns) ** 2) * resp_mask).sum() / resp_mask.sum().clamp(min=1)
             loss = pg + m.vf_coef * vf
@@ -182,6 +235,7 @@ class PPOModule(L.LightningModule):
             "kl": kl.mean().item(),
             "pg_loss": pg.item(),
             "vf_loss": vf.item(),
+            **first,
         }
         self.history.append(stats)
         self.log_dict({f"ppo/{k}": v for k, v in stats.items()})
@@ -243,7 +297,8 @@ class PPO(LoraMethod):
         # One pre-drawn batch of row indices per step. A DataLoader that yields them as they are:
         # Lightning would take a bare list as one dataloader per element and zip them, making a
         # step's rows the first row of every batch (``steps`` rows instead of ``batch_size``).
-        trainer.fit(module, DataLoader(batches, batch_size=None))
+        with dropout_disabled(self.peft_model):  # old and new log-probs: the same computation
+            trainer.fit(module, DataLoader(batches, batch_size=None))
         self.peft_model.eval()
         rewards = [h["reward"] for h in module.history]
         k = max(1, len(rewards) // 4)
