@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR
 from palign.data import select_subjects
+from palign.eval.answers import COLUMNS, PROB_COLUMNS, read_table
+from palign.eval.scoring import parse_answer
 from palign.run import run
 
 GROUPS = ["model", "method", "dataset", "protocol", "hardware", "logger", "experiment"]
@@ -35,7 +39,7 @@ def _read(out: Path):
     return rows, json.loads((out / "summary.json").read_text())
 
 
-def test_few_shot_end_to_end_on_tiny_llama(cfg_factory):
+def test_few_shot_end_to_end_on_tiny_llama(cfg_factory, papi):
     cfg = cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=2")
     summary = run(cfg)
     out = Path(cfg.paths.output_dir)
@@ -64,8 +68,28 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory):
     )
     resolved = OmegaConf.load(out / "config.yaml")
     assert resolved.scoring.mode == "logit" and resolved.scoring.batch_size == 16
+    # Every answer kept: one file per subject and method (and baseline), read by pandas.
+    by_case = {s.case: s for s in papi.subjects}
+    test_items = papi.inventory.test_items
+    for name in ("few_shot", "constant", "trait_mean", "item_mean"):
+        for row in rows:
+            table = pd.read_csv(out / "answers" / name / f"{row['case']}.csv")
+            assert list(table.columns) == list(COLUMNS) and len(table) == 180
+            assert table["item"].tolist() == [it.number for it in test_items]
+            assert table["trait"].tolist() == [it.trait for it in test_items]
+            target = by_case[row["case"]].answers(papi.inventory.test)
+            assert (table["target"] == target).all() and table["selected"].all()
+    table = read_table(out / "answers" / "few_shot" / f"{rows[0]['case']}.csv")
+    probs = table[list(PROB_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=0, atol=1e-5)  # logit scoring
+    assert (table["predicted"] == 5 - probs.argmax(1)).all() and table["parsed"].all()
+    assert (table["text"] == "").all() and (table["setting"] == "").all()
+    assert {k: v for k, v in rows[0]["mae"].items()} == {
+        t: np.abs(g["predicted"] - g["target"])[g["target"] != 0].mean()
+        for t, g in table.groupby("trait")
+    }
     prompt = out / "artifacts" / "few_shot" / str(rows[0]["case"]) / "system_prompt.txt"
-    assert prompt.read_text().count("\n") == 120
+    assert prompt.read_text().count(";") == 120  # the preamble and 120 answers, ;-joined
     with open(out / "csv" / "metrics.csv") as f:
         logged = list(csv.DictReader(f))
     per_subject = [r for r in logged if r.get("few_shot/score")]
@@ -88,9 +112,21 @@ def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
     summary = run(cfg)
     rows, _ = _read(Path(cfg.paths.output_dir))
     assert summary["protocol"] == {"name": "paper", "coding": "as_stored", "scoring": "generate"}
+    assert not any("personality_prompt" in n for n in summary["notes"])  # as published
     # A random model rarely emits an option letter: unparsed answers are counted, not dropped.
     assert rows[0]["answers"]["UNK"] == round(rows[0]["unk_rate"] * 180)
     assert sum(rows[0]["answers"].values()) == 180
+    # Each generated text is kept with its parse: the reference's rule after the "Option" prefill.
+    table = read_table(
+        Path(cfg.paths.output_dir) / "answers" / "no_change" / f"{rows[0]['case']}.csv"
+    )
+    assert (
+        table["text"].str.startswith("Option").all()
+        and table[list(PROB_COLUMNS)].isna().all().all()
+    )
+    assert table["predicted"].tolist() == [parse_answer(t, 12, "reference") for t in table["text"]]
+    assert (table["parsed"] == (table["predicted"] != 0)).all()
+    assert (~table["parsed"]).sum() == rows[0]["answers"]["UNK"]
 
 
 def test_personality_prompt_on_sampled_subjects(cfg_factory, papi):
@@ -103,6 +139,11 @@ def test_personality_prompt_on_sampled_subjects(cfg_factory, papi):
     out = out / str(summary["cases"][0]) / "system_prompt.txt"
     by_case = {s.case: s for s in papi.subjects}
     assert out.read_text() == by_case[summary["cases"][0]].persona
+    # protocol=clean decodes the reverse-keyed answers the descriptions were written from as raw
+    (note,) = [n for n in summary["notes"] if "personality_prompt" in n]
+    assert "MIS-KEYED DESCRIPTIONS" in note and "55 reverse-keyed of the 120" in note
+    report = (Path(cfg.paths.output_dir) / "report.md").read_text()
+    assert "MIS-KEYED DESCRIPTIONS" in report
 
 
 def test_runs_are_reproducible(cfg_factory):

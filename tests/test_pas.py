@@ -9,14 +9,15 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import TINY_LLAMA
 from palign.data.papi import HiddenAnswerError
-from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
+from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, reference_contrastive_question
 from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
 from palign.methods.base import Candidates, MethodContext
 from palign.methods.pas import PAS
+from palign.methods.prompting import FewShot
 from palign.models import load_random
-from palign.pas.activations import contrastive_activations
+from palign.pas.activations import contrastive_activations, contrastive_prompts
 from palign.pas.heads import HeadShift, PASError, fold_into_bias, head_layout, unfold_bias
-from palign.pas.probes import fit_probes, mass_mean_directions, rank_heads, split_rows
+from palign.pas.probes import ProbeFit, fit_probes, mass_mean_directions, rank_heads, split_rows
 from palign.pas.profile import PASProfile
 from palign.run import evaluate_group
 
@@ -240,9 +241,9 @@ def test_unsupported_architecture_is_a_clear_error():
 def pas_factory(papi, make_scorer, tmp_path, monkeypatch):
     monkeypatch.setenv("PALIGN_CACHE", str(tmp_path / "cache"))
 
-    def build(**kwargs):
+    def build(scoring: dict | None = None, **kwargs):
         method = PAS(**{"top_k": 4, "alphas": [0, 2], "folds": 2, **kwargs})
-        method.setup(MethodContext(papi, make_scorer(batch_size=16)))
+        method.setup(MethodContext(papi, make_scorer(**{"batch_size": 16, **(scoring or {})})))
         return method
 
     return build
@@ -305,6 +306,81 @@ def test_paper_selection_uses_test_items_and_says_so(papi, pas_factory):
     assert len(table) == 360 and table["selected"].sum() == 180
     assert set(table.loc[table["selected"], "value"]) == {float(best)}
     assert row["score"] == pytest.approx(scores[best], abs=0)
+
+
+#: protocol=paper as conf/protocol/paper.yaml sets PAS and the scorer.
+PAPER = {
+    "selection": "test_items",
+    "ranking": "mean_train_val",
+    "with_context": True,
+    "split": "row",
+    "ties": "last",
+    "contrastive": "reference",
+    "scoring": {"mode": "generate", "parse": "reference", "strip_period": False},
+}
+#: protocol=clean, with the few-shot context switched on (method.with_context=true).
+CLEAN_WITH_CONTEXT = {"with_context": True}
+
+
+@pytest.mark.parametrize("settings", [PAPER, CLEAN_WITH_CONTEXT], ids=["paper", "clean"])
+def test_alpha_zero_with_context_answers_exactly_as_few_shot(papi, pas_factory, settings):
+    """With the few-shot context, PAS at alpha = 0 is the few-shot baseline: the same system
+    prompt, the same batches, a zero shift (x + 0 = x), so the same answers bit for bit (texts
+    under protocol=paper, option probabilities under clean)."""
+    method = pas_factory(alphas=[0], **settings)
+    subject = papi.subjects[3].seen_only(papi.inventory.train)
+    (artifact,) = method.align_group([subject], papi.inventory.train_items)
+    (answer,) = method.answer_group([subject], [artifact], papi.inventory.test_items)
+    if isinstance(answer, Candidates):
+        answer = answer.answers[0]
+    few_shot = FewShot()
+    few_shot.setup(method.context)
+    prompt = few_shot.align(subject, papi.inventory.train_items)
+    assert method._system_prompt(subject, np.ones(120, bool)) == prompt.system_prompt
+    baseline = few_shot.answer(subject, prompt, papi.inventory.test_items)
+    assert answer.scores.tolist() == baseline.scores.tolist()
+    if settings is PAPER:
+        assert answer.texts == baseline.texts and all(t.startswith("Option") for t in answer.texts)
+        assert answer.setting == ("alpha", 0.0)
+    else:
+        assert np.array_equal(answer.probs, baseline.probs)
+
+
+def test_paper_contrastive_prompts_are_the_references(papi, tiny, make_scorer):
+    """protocol=paper: the statement as printed (period doubled by the template) under the
+    neutral system prompt, answered by the bare letter; the "A" and "E" rows differ only there."""
+    scorer = make_scorer()
+    items = papi.inventory.train_items[:3]
+    rows = contrastive_prompts(scorer, items, shape="reference")
+    for item, pos, neg in zip(items, rows[::2], rows[1::2]):
+        question = f'Given a statement of you: "You {item.text}."\n'
+        assert question in tiny.tokenizer.decode(pos) and item.text.endswith(".")
+        expected = scorer.renderer.render(
+            NEUTRAL_SYSTEM_PROMPT, reference_contrastive_question(item), "A"
+        )
+        assert pos == scorer.renderer.encode(expected)
+        assert tiny.tokenizer.decode(pos).endswith("<|im_start|>assistant\nA")
+        assert pos[:-1] == neg[:-1] and tiny.tokenizer.decode(neg[-1:]) == "E"
+    clean = contrastive_prompts(scorer, items[:1])
+    assert tiny.tokenizer.decode(clean[0]).endswith("assistant\nOption (A")
+    with pytest.raises(PASError, match="method.contrastive='other'"):
+        contrastive_prompts(scorer, items, shape="other")
+
+
+def test_row_split_and_reference_tie_order(synthetic):
+    """split=row draws int(0.6 n) labelled rows (an item's two rows may part); ties=last is the
+    reference's order: an ascending sort of the accuracies read backwards."""
+    _, _, labelled, _ = synthetic
+    train = split_rows(np.repeat(np.arange(120), 2), labelled, 0.6, [1, 2, 3], by="row")
+    assert (train.sum(1) == (0.6 * labelled.sum(1)).astype(int)).all()
+    assert not (train & ~labelled).any()
+    pairs = train.reshape(3, 120, 2) | ~labelled.reshape(3, 120, 2)
+    assert (pairs[..., 0] != pairs[..., 1]).any()  # some items straddle the split
+    acc = torch.tensor([[0.5, 0.75, 0.75, 0.25, 0.75, 0.5]])
+    fit = ProbeFit(weight=None, bias=None, train_acc=acc, val_acc=acc)
+    reference = np.argsort(acc[0].numpy(), kind="stable")[::-1][:4]
+    assert rank_heads(fit, "val", 4, ties="last")[0].tolist() == reference.tolist() == [4, 2, 1, 5]
+    assert rank_heads(fit, "val", 4)[0].tolist() == [1, 2, 4, 0]
 
 
 def test_profile_round_trip_and_shape_check(papi, pas_factory, tmp_path):

@@ -9,18 +9,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 
 from palign.data import select_subjects
-from palign.reproduce import ReproduceError, reproduce, standard_error
+from palign.eval.answers import read_answers
+from palign.reproduce import ReproduceError, confusion, reproduce, standard_error
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("paper", "clean")
 TRAITS = ("A", "C", "E", "N", "O")
 LLM_ROWS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo (2 steps)", "ppo (2 steps)")
 BASELINE_ROWS = ("constant (no LLM)", "trait_mean (no LLM)", "item_mean (no LLM)")
-PLOTS = ("trait_errors", "pas_alpha", "head_accuracy")
+METHODS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo", "ppo")
+BASELINES = ("constant", "trait_mean", "item_mean")
+PLOTS = (
+    "trait_errors",
+    "pas_alpha",
+    "head_accuracy",
+    *(f"confusion_{m}" for m in METHODS + BASELINES),
+)
+N_FILES = 2 + 2 * len(PLOTS)  # table.md, table.csv and the plots of both protocols
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +47,7 @@ def smoke(tmp_path_factory) -> Path:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert f"Wrote 8 files to {out}" in proc.stdout
+    assert f"Wrote {N_FILES} files to {out}" in proc.stdout
     return out
 
 
@@ -128,7 +139,7 @@ def test_plots_are_png_files(smoke):
 def test_csv_round_trips_the_summaries(smoke, tmp_path):
     written = reproduce([smoke / "paper", smoke / "clean"], tmp_path)
     assert (
-        len(written) == 8
+        len(written) == N_FILES
         and (tmp_path / "table.md").read_text() == (smoke / "table.md").read_text()
     )
     with open(tmp_path / "table.csv", newline="") as f:
@@ -206,3 +217,81 @@ def test_two_runs_of_one_protocol_are_refused(smoke):
 def test_standard_error_over_finite_values():
     assert standard_error([1.0, 2.0, 3.0, float("nan")]) == pytest.approx(1 / math.sqrt(3))
     assert math.isnan(standard_error([2.0, float("nan")]))
+
+
+def _mae_by_hand(path: Path) -> dict[str, float]:
+    """Per-trait MAE of one answers file, computed with pandas alone: the selected lines with a
+    subject answer and a parsed prediction."""
+    t = pd.read_csv(path)
+    t = t[t["selected"] & (t["target"] != 0) & (t["predicted"] != 0)]
+    err = (t["predicted"] - t["target"]).abs()
+    return {trait: float(err[t["trait"] == trait].mean()) for trait in TRAITS}
+
+
+def test_recomputing_from_the_answers_files_gives_the_summary_exactly(smoke):
+    """Every method's and baseline's numbers in summary.json, to the last digit, from the answers
+    files alone (integer errors: each subject's MAE is one exact division; two subjects)."""
+    for protocol in PROTOCOLS:
+        run = smoke / protocol
+        summary = _summary(run)
+        entries = {"pas": summary, **summary["compare"], **summary["baselines"]}
+        assert list(entries) == [*METHODS, *BASELINES]
+        for name, entry in entries.items():
+            per_case = [_mae_by_hand(run / "answers" / name / f"{c}.csv") for c in summary["cases"]]
+            for t in TRAITS:
+                values = [m[t] for m in per_case if not math.isnan(m[t])]
+                again = float(np.mean(values)) if values else math.nan
+                assert _same(again, entry["mae"][t]), (protocol, name, t)
+            unparsed = [
+                (
+                    pd.read_csv(run / "answers" / name / f"{c}.csv").query("selected")["predicted"]
+                    == 0
+                ).mean()
+                for c in summary["cases"]
+            ]
+            assert float(np.mean(unparsed)) == entry["unk_rate"], (protocol, name)
+
+
+def test_answers_files_keep_every_pas_candidate_under_paper(smoke):
+    run = smoke / "paper"
+    table = read_answers(run, "pas")
+    rows = [json.loads(r) for r in (run / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        mine = table[table["case"] == row["case"]]
+        alphas = sorted(float(a) for a in row["align_info"]["alpha_scores_on_test_items"])
+        assert sorted(mine["value"].unique()) == alphas and (mine["setting"] == "alpha").all()
+        assert len(mine) == 180 * len(alphas)
+        (chosen,) = mine[mine["selected"]]["value"].unique()
+        assert chosen == row["align_info"]["alpha"] and row["selected_on_test_items"] == "alpha"
+        assert mine["text"].str.startswith("Option").all()  # the reference's prefill, kept
+
+
+def test_confusion_counts_every_answer(smoke):
+    table = read_answers(smoke / "clean", "few_shot")
+    for trait in TRAITS:
+        counts = confusion(table, trait)
+        lines = table[(table["trait"] == trait) & (table["target"] != 0)]
+        assert counts.shape == (5, 6) and counts.sum() == len(lines)
+        assert counts[0, 0] == ((lines["target"] == 5) & (lines["predicted"] == 5)).sum()
+        assert counts[:, 5].sum() == (lines["predicted"] == 0).sum()
+
+
+@pytest.mark.parametrize("damage", ["edit", "remove"])
+def test_answers_that_disagree_with_the_summary_are_named(smoke, tmp_path, damage):
+    run = tmp_path / "clean"
+    shutil.copytree(smoke / "clean", run)
+    case = _summary(run)["cases"][1]
+    path = run / "answers" / "few_shot" / f"{case}.csv"
+    if damage == "remove":
+        path.unlink()
+        with pytest.raises(ReproduceError, match=f"{path}: missing"):
+            reproduce([run], tmp_path / "out")
+        return
+    table = pd.read_csv(path)
+    line = table.index[table["target"] != 0][0]
+    table.loc[line, "predicted"] = 1 if table.loc[line, "target"] != 1 else 5
+    table.to_csv(path, index=False)
+    with pytest.raises(
+        ReproduceError, match=f"{path}: its answers give few_shot's case {case} other metrics"
+    ):
+        reproduce([run], tmp_path / "out")

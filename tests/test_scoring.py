@@ -6,30 +6,49 @@ from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
 from palign.eval.scoring import (
     ScoringError,
     common_prefix_length,
+    eos_ids,
     letter_token_ids,
     parse_answer,
 )
 
 
+def _reference_rule(text: str) -> int:
+    """The reference code's parser as its source states it: the first match of
+    ``[abcdeABCDE][^a-zA-Z]`` in the first 12 characters, A = 5 ... E = 1, else unparsed."""
+    for i, ch in enumerate(text[:12][:-1]):
+        if (
+            ch in "abcdeABCDE"
+            and not text[:12][i + 1].isascii()
+            or (ch in "abcdeABCDE" and not text[:12][i + 1].isalpha())
+        ):
+            return 5 - "ABCDE".index(ch.upper())
+    return 0
+
+
 @pytest.mark.parametrize(
-    "text, expected",
+    "text, reference, word",
     [
-        ("(A). Very Accurate", 5),
-        ("B", 4),  # the text ends after the letter
-        ("Option (C)", 3),
-        ("d) Moderately", 2),
-        (" E.", 1),
-        ("I would choose (B)", 2),  # the reference parser reads the 'd ' of 'would'
-        ("Absolutely not", 0),
-        ("", 0),
-        ("Very Accurate", 0),  # no standalone letter in the window
-        ("xxxxxxxxxxxA B", 0),  # 'A' ends the 12-character window: what follows is cut off
-        ("xxxxxxxxxxA B", 5),
-        ("The answer is (A)", 1),  # reference defect: the "e " of "The"; (A) is beyond the window
+        ("Option (A). Very Accurate", 5, 5),
+        ("Option B", 0, 4),  # the text ends after the letter: the reference needs a next char
+        ("Option B<|im_end|>", 4, 4),  # as the reference decodes it, the end token follows
+        ("Option (C)", 3, 3),
+        ("Optiond) Moderately", 2, 0),  # glued to a word: palign does not read it
+        ("Option E.", 1, 1),
+        ("I would choose (B)", 2, 0),  # the reference reads the 'd ' of 'would'
+        ("Absolutely not", 0, 0),
+        ("", 0, 0),
+        ("Very Accurate", 0, 0),  # no standalone letter in the window
+        ("xxxxxxxxxxxA B", 0, 0),  # 'A' ends the 12-character window: what follows is cut off
+        ("xxxxxxxxxx A B", 0, 0),
+        ("xxxxxxxxx A B", 5, 5),
+        ("The answer is (A)", 1, 0),  # the "e " of "The"; (A) is beyond the window
     ],
 )
-def test_reference_parser(text, expected):
-    assert parse_answer(text) == expected
+def test_parse_rules(text, reference, word):
+    assert parse_answer(text, rule="reference") == reference == _reference_rule(text)
+    assert parse_answer(text, rule="word") == word
+    with pytest.raises(ScoringError, match="scoring.parse='loose'"):
+        parse_answer(text, rule="loose")
 
 
 def test_common_prefix_length():
@@ -72,12 +91,18 @@ def test_prefix_cache_is_rebuilt_for_a_new_system_prompt(papi, make_scorer):
     assert not np.allclose(first, other, atol=1e-4)
 
 
-def test_batched_greedy_generation_equals_hf_generate(papi, tiny, make_scorer):
-    scorer = make_scorer(mode="generate", batch_size=4, max_new_tokens=6)
+@pytest.mark.parametrize("rule", ["reference", "word"])
+def test_batched_greedy_generation_equals_hf_generate(papi, tiny, make_scorer, rule):
+    """Generation mode as the reference runs it: the assistant turn prefilled with "Option",
+    greedy decoding; the kept text is the prefill and the continuation up to and including the
+    end-of-turn token (special tokens as the reference decodes them), parsed by ``rule``."""
+    scorer = make_scorer(mode="generate", batch_size=4, max_new_tokens=6, parse=rule)
     items = papi.inventory.test_items[:5]
     answers = scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
     assert answers.probs is None and len(answers.texts) == 5
+    eos = set(eos_ids(tiny))
     for ids, text in zip(scorer.encode_prompts(NEUTRAL_SYSTEM_PROMPT, items), answers.texts):
+        assert tiny.tokenizer.decode(ids).endswith("<|im_start|>assistant\nOption")
         with torch.no_grad():
             out = tiny.model.generate(
                 torch.tensor([ids]),
@@ -85,8 +110,18 @@ def test_batched_greedy_generation_equals_hf_generate(papi, tiny, make_scorer):
                 do_sample=False,
                 pad_token_id=tiny.tokenizer.pad_token_id,
             )
-        assert text == tiny.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
-    assert answers.scores.tolist() == [parse_answer(t) for t in answers.texts]
+        new = out[0, len(ids) :].tolist()
+        stop = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+        assert text == "Option" + tiny.tokenizer.decode(new[:stop], skip_special_tokens=False)
+    assert answers.scores.tolist() == [parse_answer(t, rule=rule) for t in answers.texts]
+
+
+def test_paper_questions_keep_the_period(papi, make_scorer):
+    item = papi.inventory.items[1]  # "Worry about things."
+    assert 'statement of you: "You worry about things.."' in make_scorer(
+        strip_period=False
+    ).question(item)
+    assert 'statement of you: "You worry about things."\n' in make_scorer().question(item)
 
 
 def test_answer_prefix_that_splits_letters_is_rejected(make_scorer):

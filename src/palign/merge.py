@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from palign.data.papi import load_papi
+from palign.eval.answers import answers_path
 from palign.methods.base import ConfigError
 from palign.report import aggregate
 from palign.run import (
@@ -43,8 +44,8 @@ def _load_config(run_dir: Path) -> DictConfig:
 
 
 def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
-    """Merge ``shard_dirs`` into ``out_dir`` (results, summary.json, report.md, and links to the
-    shards' artifact folders); returns the summary."""
+    """Merge ``shard_dirs`` into ``out_dir`` (results, answers, summary.json, report.md, and
+    links to the shards' artifact folders); returns the summary."""
     if not shard_dirs:
         raise ConfigError("merge: no shard run dirs given")
     configs = [_load_config(d) for d in shard_dirs]
@@ -65,9 +66,11 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
     names = [method.name] + [build(method_config(cfg, n)).name for n in cfg.get("compare") or []]
     rows = {}
     for name in names:
-        found = {}
+        found, shard_of = {}, {}
         for d in shard_dirs:
-            found.update(finished_rows(d / "results" / name))
+            rows_here = finished_rows(d / "results" / name)
+            found.update(rows_here)
+            shard_of.update(dict.fromkeys(rows_here, d))
         missing = [s.case for s in subjects if s.case not in found]
         if missing:
             raise ConfigError(
@@ -77,6 +80,10 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
             )
         rows[name] = [found[s.case] for s in subjects]
         for row in rows[name]:
+            answers = answers_path(shard_of[row["case"]], name, row["case"])
+            if not answers.is_file():
+                raise ConfigError(f"merge: {answers} is missing (the subject's answers)")
+            write_atomic(answers_path(out_dir, name, row["case"]), answers.read_text())
             write_atomic(out_dir / "results" / name / f"{row['case']}.json", json.dumps(row))
     models = {
         json.loads((d / "summary.json").read_text())["model"]
@@ -93,7 +100,7 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
         subjects,
         rows[method.name],
         compare,
-        baseline_rows(data, subjects),
+        baseline_rows(data, subjects, out_dir / "answers"),
     )
     summary["merged_from"] = [str(d) for d in shard_dirs]
     write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))

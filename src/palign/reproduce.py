@@ -1,7 +1,9 @@
 """The paper's Table 1 beside palign's numbers, from finished runs (one per protocol).
 
 ``python -m palign.reproduce --out DIR RUN_DIR [RUN_DIR ...]`` reads each run dir
-(``summary.json``, ``results.jsonl``, ``compare/<method>.jsonl``, PAS's
+(``summary.json``; every method's and baseline's answers, ``answers/<method>/<case>.csv``, from
+which every number is computed and checked against ``summary.json`` to the last digit; the
+methods' per-subject settings in ``results.jsonl`` and ``compare/<method>.jsonl``; PAS's
 ``artifacts/**/head_accuracy.npy``) and writes into DIR:
 
 - ``table.md``: per run, what was run and a table of every LLM method and statistical baseline
@@ -10,11 +12,9 @@
 - ``table.csv``: the same numbers at full precision, one row per run and method.
 - ``plots/trait_errors_<protocol>.png``: per-trait MAE per method, error bars = standard error
   over subjects; ``plots/pas_alpha_<protocol>.png``: PAS Score against alpha per subject and
-  their mean; ``plots/head_accuracy_<protocol>.png``: mean probe validation accuracy per head
+  their mean; ``plots/head_accuracy_<protocol>.png``: mean probe validation accuracy per head;
+  ``plots/confusion_<method>_<protocol>.png``: predicted against target answer counts per trait
   (matplotlib figures rendered by Agg, without pyplot).
-
-The baselines' per-subject rows are not stored by a run (only their means in ``summary.json``):
-they are recomputed from the PAPI files for the error bars, and checked against those means.
 """
 
 from __future__ import annotations
@@ -29,15 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from omegaconf import OmegaConf
 
 from palign.constants import TRAITS
-from palign.data.papi import PapiDataError, load_papi
-from palign.eval.metrics import mean_mae
+from palign.eval.answers import answers_path, read_answers, read_table, table_metrics
 from palign.published import PAPER_METHOD, PAPER_MODEL, TABLE1, Published, published
-from palign.report import fmt
+from palign.report import aggregate, fmt
 
 #: Paper's training steps per subject for DPO and PPO (250), shown beside palign's.
 PAPER_STEPS = 250
@@ -149,44 +148,84 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def baseline_rows(path: Path, summary: dict) -> dict[str, list[dict]]:
-    """Per-subject rows of every statistical baseline on the run's subjects, recomputed from the
-    PAPI files (``dataset.root`` and coding of the run), checked against ``summary.json``."""
-    from palign.run import baseline_rows as compute  # imports Lightning: only when a run is read
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
-    config = path / "config.yaml"
-    if not config.is_file():
-        raise ReproduceError(f"{config}: missing (is {path} a finished palign run dir?)")
-    root = OmegaConf.load(config).dataset.root
-    data = load_papi(root, coding=summary["protocol"]["coding"])
-    by_case = {s.case: s for s in data.subjects}
-    unknown = [c for c in summary["cases"] if c not in by_case]
-    if unknown:
-        raise ReproduceError(f"{path / 'summary.json'}: case(s) {unknown} are not in the PAPI data")
-    out = compute(data, [by_case[c] for c in summary["cases"]])
-    for name, rows in out.items():
-        stored = summary["baselines"][name]["score"]
-        again = float(sum(mean_mae([r["mae"] for r in rows]).values()))
-        if not math.isclose(stored, again, rel_tol=1e-9):
+
+def _differences(entry: dict, again: dict) -> list[str]:
+    """The aggregate fields (``n_subjects``, per-trait MAE, Score, UNK rate) where ``again``
+    differs from ``entry`` in any digit."""
+    pairs = [
+        ("n_subjects", entry["n_subjects"], again["n_subjects"]),
+        *((f"mae.{t}", entry["mae"][t], again["mae"][t]) for t in TRAITS),
+        ("score", entry["score"], again["score"]),
+        ("unk_rate", entry["unk_rate"], again["unk_rate"]),
+    ]
+    return [f"{key} {b!r} vs {a!r}" for key, a, b in pairs if not _same(float(a), float(b))]
+
+
+def answers_rows(
+    path: Path, name: str, cases: Sequence[int], stored: Sequence[dict] = ()
+) -> list[dict]:
+    """Per-subject rows of method ``name`` computed from the run's answers files
+    (``answers/<name>/<case>.csv``, :mod:`palign.eval.answers`) in ``cases`` order, each with
+    the method's other per-subject fields (``align_info``, timings) from ``stored`` rows. A
+    stored row whose metrics differ from its answers file's is an error naming the file."""
+    by_case = {r["case"]: r for r in stored}
+    rows = []
+    for case in cases:
+        file = answers_path(path, name, case)
+        if not file.is_file():
             raise ReproduceError(
-                f"{path / 'summary.json'}: baseline {name} recomputed from the PAPI "
-                f"files scores {again:.6f}, the run stored {stored:.6f} (other data files?)"
+                f"{file}: missing (every subject's answers of {name}; runs of palign before "
+                "answers files were kept cannot be reproduced from their answers)"
             )
-    return out
+        try:
+            metrics = table_metrics(read_table(file)).to_dict()
+        except (ValueError, KeyError, pd.errors.ParserError) as e:
+            raise ReproduceError(f"{file}: not a palign answers file ({e})") from None
+        row = {**by_case.get(case, {}), **metrics, "case": case, "method": name}
+        if case in by_case:
+            differ = _differences(aggregate([by_case[case]]), aggregate([row]))
+            if differ:
+                raise ReproduceError(
+                    f"{file}: its answers give {name}'s case {case} other metrics than the "
+                    f"run's result row ({'; '.join(differ)}): edited, or from another run?"
+                )
+        rows.append(row)
+    return rows
 
 
 def load_run(path: Path) -> Run:
-    """Read a run dir; :class:`ReproduceError` names the file that is missing or corrupt."""
+    """Read a run dir, every method's per-subject numbers computed from its answers files and
+    checked against ``summary.json`` to the last digit; :class:`ReproduceError` names the file
+    that is missing, corrupt or disagrees."""
     summary_path = path / "summary.json"
     summary = _read_json(summary_path)
     if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
         raise ReproduceError(
             f"{summary_path}: not a palign summary (needs the keys {', '.join(SUMMARY_KEYS)})"
         )
-    rows = {summary["method"]: _read_rows(path / "results.jsonl")}
+    cases = summary["cases"]
+    stored = {summary["method"]: _read_rows(path / "results.jsonl")}
     for name in summary.get("compare", {}):
-        rows[name] = _read_rows(path / "compare" / f"{name}.jsonl")
-    return Run.of(path, summary, rows, baseline_rows(path, summary))
+        stored[name] = _read_rows(path / "compare" / f"{name}.jsonl")
+    rows = {name: answers_rows(path, name, cases, r) for name, r in stored.items()}
+    baselines = {name: answers_rows(path, name, cases) for name in summary["baselines"]}
+    entries = {
+        summary["method"]: summary,
+        **summary.get("compare", {}),
+        **{f"{n} (baseline)": e for n, e in summary["baselines"].items()},
+    }
+    computed = {**rows, **{f"{n} (baseline)": r for n, r in baselines.items()}}
+    for name, entry in entries.items():
+        differ = _differences(entry, aggregate(computed[name]))
+        if differ:
+            raise ReproduceError(
+                f"{summary_path}: {name} recomputed from {path / 'answers'} differs "
+                f"({'; '.join(differ)}): edited, or from another run?"
+            )
+    return Run.of(path, summary, rows, baselines)
 
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -452,11 +491,59 @@ def plot_head_accuracy(run: Run, path: Path) -> bool:
     return True
 
 
+#: Answer values of the confusion matrices: raw 5..1 (A..E), and 0 = unparsed (predicted only).
+ANSWER_VALUES = (5, 4, 3, 2, 1)
+
+
+def confusion(table: pd.DataFrame, trait: str) -> np.ndarray:
+    """(5, 6) counts of one trait's selected answers: rows the subject's raw answer 5..1 (A..E),
+    columns the predicted one 5..1 then unparsed; items without a subject answer left out."""
+    lines = table[table["selected"] & (table["trait"] == trait) & (table["target"] != 0)]
+    cols = (*ANSWER_VALUES, 0)
+    out = np.zeros((len(ANSWER_VALUES), len(cols)), dtype=np.int64)
+    for i, target in enumerate(ANSWER_VALUES):
+        predicted = lines["predicted"][lines["target"] == target].to_numpy()
+        out[i] = [(predicted == c).sum() for c in cols]
+    return out
+
+
+def plot_confusion(run: Run, m: MethodResult, path: Path) -> None:
+    """One panel per trait: the subjects' answers (rows) against the method's (columns), counts
+    over all subjects from the answers files, shaded by the share of their row."""
+    table = read_answers(run.path, m.name)
+    fig = Figure(figsize=(17, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(TRAITS), sharey=True)
+    letters = [f"{v} ({chr(ord('A') + 5 - v)})" for v in ANSWER_VALUES]
+    for ax, trait in zip(axes, TRAITS):
+        counts = confusion(table, trait)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(
+                j,
+                i,
+                str(n),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if share[i, j] > 0.6 else "black",
+            )
+        ax.set_xticks(range(counts.shape[1]), [*letters, "UNK"], rotation=45, fontsize=7)
+        ax.set_yticks(range(counts.shape[0]), letters, fontsize=7)
+        ax.set_title(f"{trait}: MAE {fmt(m.entry['mae'][trait])}")
+        ax.set_xlabel("predicted answer")
+    axes[0].set_ylabel("subject's answer (raw)")
+    fig.colorbar(image, ax=axes, label="share of the row", shrink=0.8)
+    fig.suptitle(_title(run, f"{m.label}: answers per trait, counts over subjects"))
+    fig.savefig(path, dpi=110)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
 def plot_run(run: Run, folder: Path, suffix: str = "") -> list[Path]:
-    """The run's plots in ``folder``: ``trait_errors<suffix>.png`` always, ``pas_alpha`` and
+    """The run's plots in ``folder``: ``trait_errors<suffix>.png``, a
+    ``confusion_<method><suffix>.png`` per method and baseline, ``pas_alpha`` and
     ``head_accuracy`` when PAS was run; returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"trait_errors{suffix}.png"
@@ -466,6 +553,10 @@ def plot_run(run: Run, folder: Path, suffix: str = "") -> list[Path]:
         path = folder / f"{name}{suffix}.png"
         if plot(run, path):
             written.append(path)
+    for m in run.methods:
+        path = folder / f"confusion_{m.name}{suffix}.png"
+        plot_confusion(run, m, path)
+        written.append(path)
     return written
 
 
@@ -501,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = reproduce(args.run_dirs, args.out)
-    except (ReproduceError, PapiDataError) as e:
+    except ReproduceError as e:
         sys.exit(f"palign.reproduce: error: {e}")
     print(f"Wrote {len(written)} files to {args.out}:")
     print("\n".join(f"  {p}" for p in written))

@@ -40,7 +40,7 @@ from palign.models.loading import ModelLoadError
 from palign.models.placement import PlacementError, check_device, check_precision
 from palign.pas.heads import PASError
 from palign.report import aggregate, report_markdown
-from palign.reproduce import Run, plot_run
+from palign.reproduce import load_run, plot_run
 from palign.tracking import RunTracker
 
 log = logging.getLogger("palign")
@@ -398,10 +398,11 @@ def summarize(
     rows: Sequence[dict],
     compare: dict[str, dict],
     baselines: dict[str, Sequence[dict]],
+    notes: Sequence[str] = (),
 ) -> dict:
     """The run's ``summary.json`` content: the method's aggregate beside the compared methods'
-    and the statistical baselines' (``baselines``: their rows on the same subjects), and the
-    baselines on all loaded subjects."""
+    and the statistical baselines' (``baselines``: their rows on the same subjects), the
+    baselines on all loaded subjects, and every method's ``notes`` for the report."""
     return {
         "method": method.name,
         "model": model_name,
@@ -418,7 +419,7 @@ def summarize(
         "compare": compare,
         "baselines": aggregate_baselines(baselines),
         "baselines_all_subjects": baseline_results(data, data.subjects),
-        "notes": method.notes(rows),
+        "notes": list(notes),
         "versions": {"palign": __version__},
     }
 
@@ -491,11 +492,13 @@ def run(cfg: DictConfig) -> dict:
             )
 
         rows = {method.name: evaluate(method)}
+        notes = method.notes(rows[method.name])
         method.teardown()
         for node in compare_nodes:  # one at a time: each may change the shared model
             other = build(node)
             setup_cost[other.name] = setup(other, MethodContext(data=data, scorer=scorer), meter)
             rows[other.name] = evaluate(other)
+            notes += other.notes(rows[other.name])
             other.teardown()
         compare = {
             name: with_setup_cost(aggregate(r), setup_cost[name])
@@ -504,11 +507,11 @@ def run(cfg: DictConfig) -> dict:
         }
         baselines = baseline_rows(data, subjects, out_dir / "answers")
         summary = summarize(
-            cfg, method, model_name, data, subjects, rows[method.name], compare, baselines
+            cfg, method, model_name, data, subjects, rows[method.name], compare, baselines, notes
         )
         with_setup_cost(summary, setup_cost[method.name])
         report = write_outputs(out_dir, summary, rows)
-        plot_run(Run.of(out_dir, summary, rows, baselines), out_dir / "plots")
+        plot_run(load_run(out_dir), out_dir / "plots")  # from the files, checked
         tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], out_dir)
         print(report)
         log.info("Outputs in %s", out_dir)

@@ -27,27 +27,37 @@ ITEM_TEMPLATE = (
     "(E). Very Inaccurate\n"
 )
 
-FEW_SHOT_PREAMBLE = (
-    "Below are statements about you, each with how accurately it describes you. "
-    "Answer every question as this person would."
-)
+#: The reference code's few-shot preamble; the subject's answers follow, ';'-separated.
+FEW_SHOT_PREAMBLE = "Here are some of your behaviors and your level of recognition towards them"
 
 
-def item_statement(item: Item) -> str:
-    """The item lower-cased without its final period: 'Worry about things.' -> 'worry about things'."""
-    return item.text.strip().rstrip(".").lower()
+def item_statement(item: Item, strip_period: bool = True) -> str:
+    """The item lower-cased, without its final period: 'Worry about things.' -> 'worry about
+    things'. ``strip_period=False`` keeps it, as the reference code does (its questions then
+    read "You worry about things..")."""
+    text = item.text.strip().lower()
+    return text.rstrip(".") if strip_period else text
 
 
-def item_question(item: Item) -> str:
-    return ITEM_TEMPLATE.format(item=item_statement(item))
+def item_question(item: Item, strip_period: bool = True) -> str:
+    """The inventory question about ``item`` (see :func:`item_statement`)."""
+    return ITEM_TEMPLATE.format(item=item_statement(item, strip_period))
+
+
+def reference_contrastive_question(item: Item) -> str:
+    """The question of the reference code's contrastive (A/E) prompts: the statement as printed,
+    neither lower-cased nor stripped ("You Worry about things..")."""
+    return ITEM_TEMPLATE.format(item=item.text.strip())
 
 
 def few_shot_system_prompt(items: Sequence[Item], answers: Sequence[int]) -> str:
-    """The subject's alignment answers as ``statement: label`` lines (0 shows as 'Unknown')."""
-    lines = [
-        f"{it.text.strip()}: {ANSWER_LABELS[int(a)]}" for it, a in zip(items, answers, strict=True)
+    """The subject's alignment answers as the reference code shows them: the preamble, then
+    ``statement:label`` for each item, all joined by ';' (a missing answer shows as
+    'Unknown')."""
+    pairs = [
+        f"{it.text.strip()}:{ANSWER_LABELS[int(a)]}" for it, a in zip(items, answers, strict=True)
     ]
-    return FEW_SHOT_PREAMBLE + "\n" + "\n".join(lines)
+    return ";".join([FEW_SHOT_PREAMBLE, *pairs])
 
 
 class PromptRenderer:

@@ -11,9 +11,12 @@ Two ways to answer (``mode``):
 - ``logit`` (default): the assistant turn is prefilled up to the option letter
   (``answer_prefix``, e.g. ``"Option ("``); the log-probabilities of the five letter tokens at the
   next position give the answer distribution; the answer is its argmax (A=5 ... E=1).
-- ``generate`` (paper-compatible): greedy decoding of up to ``max_new_tokens`` tokens from the
-  opened assistant turn; the first option letter is parsed as the paper's reference code does.
-  Unparseable answers are kept as 0 and counted.
+- ``generate`` (paper-compatible): greedy decoding of up to ``max_new_tokens`` tokens after the
+  assistant turn prefilled with ``generate_prefix`` ("Option", as the reference code); the text
+  (the prefill, then the continuation up to and including the end-of-turn token, special tokens
+  kept as the reference decodes them) is parsed for the first option letter in its first
+  ``parse_window`` characters, by the reference's rule (``parse=reference``) or by palign's
+  (``parse=word``, see :func:`parse_answer`). Unparseable answers are kept as 0 and counted.
 """
 
 from __future__ import annotations
@@ -40,26 +43,35 @@ from palign.models.placement import make_trainer
 log = logging.getLogger(__name__)
 
 MODES = ("logit", "generate")
-#: The reference parser: an option letter followed by a non-letter, within the first 12 characters.
-_ANSWER = re.compile(r"[abcdeABCDE](?:[^a-zA-Z]|$)")
+PARSE_RULES = ("reference", "word")
+#: The reference code's parser: an option letter followed by a non-letter.
+_REFERENCE = re.compile(r"[abcdeABCDE][^a-zA-Z]")
+#: palign's: an option letter standing alone (no letter on either side).
+_WORD = re.compile(r"(?<![a-zA-Z])[abcdeABCDE](?![a-zA-Z])")
 
 
 class ScoringError(RuntimeError):
     """The model/tokenizer cannot be scored as configured; the message names the config key."""
 
 
-def parse_answer(text: str, window: int = 12) -> int:
+def parse_answer(text: str, window: int = 12, rule: str = "word") -> int:
     """Raw answer (5..1) of the first option letter in ``text[:window]``, or 0 if there is none.
 
-    A letter counts when a non-letter follows it (``"(B)."``, ``"b "``), or when the text ends
-    right after it; a letter cut off by the window does not count.
+    ``rule="reference"``: as the paper's reference code, a letter followed by a non-letter
+    within the window, even inside a word ("I would choose (B)" reads as D: the "d" of
+    "would"). ``rule="word"`` (palign's fix): a letter with no letter on either side; one that
+    ends the window counts only when the text ends there too (what followed it was not cut off).
     """
+    if rule == "reference":
+        match = _REFERENCE.search(text[:window])
+        return LETTER_SCORE[match.group()[0].upper()] if match else UNPARSED
+    if rule != "word":
+        raise ScoringError(f"scoring.parse={rule!r} is not one of {PARSE_RULES}")
     head = text[:window]
-    cut = len(text) > window
-    for match in _ANSWER.finditer(head):
-        if len(match.group()) == 1 and cut:
+    for match in _WORD.finditer(head):
+        if match.end() == len(head) and len(text) > window:
             continue  # the letter ends the window; what follows it was cut off
-        return LETTER_SCORE[match.group()[0].upper()]
+        return LETTER_SCORE[match.group().upper()]
     return UNPARSED
 
 
@@ -284,10 +296,18 @@ class ScoringConfig:
     """``conf/scoring``-style settings of a :class:`Scorer` (see the module docstring)."""
 
     mode: str = "logit"
+    #: logit mode: the assistant turn up to the option letter.
     answer_prefix: str = "Option ("
+    #: generate mode: the assistant turn's prefill before decoding (the reference's "Option").
+    generate_prefix: str = "Option"
     batch_size: int = 16
     max_new_tokens: int = 15
     parse_window: int = 12
+    #: generate mode: how a letter is read from the text (``reference`` or ``word``).
+    parse: str = "word"
+    #: Item statements without their final period (False: "You worry about things..", as the
+    #: reference code writes them).
+    strip_period: bool = True
     use_chat_template: bool = True
 
 
@@ -309,6 +329,8 @@ class Scorer:
             raise ScoringError(f"scoring.mode={self.config.mode!r} is not one of {MODES}")
         if self.config.batch_size < 1:
             raise ScoringError(f"scoring.batch_size={self.config.batch_size} must be >= 1")
+        if self.config.parse not in PARSE_RULES:
+            raise ScoringError(f"scoring.parse={self.config.parse!r} is not one of {PARSE_RULES}")
         self.batch_size = self.config.batch_size
         self.trainer = make_trainer(loaded.device, precision)
         self.renderer = PromptRenderer(loaded.tokenizer, self.config.use_chat_template)
@@ -329,7 +351,16 @@ class Scorer:
 
     @property
     def assistant_prefix(self) -> str:
-        return "" if self.config.mode == "generate" else self.config.answer_prefix
+        """What the assistant turn is prefilled with (the mode's prefix)."""
+        return (
+            self.config.generate_prefix
+            if self.config.mode == "generate"
+            else self.config.answer_prefix
+        )
+
+    def question(self, item: Item) -> str:
+        """The inventory question about ``item`` as this scorer asks it."""
+        return item_question(item, self.config.strip_period)
 
     @contextmanager
     def applied(self, *changes: AbstractContextManager):
@@ -355,7 +386,7 @@ class Scorer:
         """Token ids of each item's prompt (``assistant_prefix`` defaults to the mode's)."""
         prefix = self.assistant_prefix if assistant_prefix is None else assistant_prefix
         return [
-            self.renderer.encode(self.renderer.render(system_prompt, item_question(it), prefix))
+            self.renderer.encode(self.renderer.render(system_prompt, self.question(it), prefix))
             for it in items
         ]
 
@@ -413,11 +444,23 @@ class Scorer:
             scores = 5 - logp.argmax(1)
             return Answers(scores=scores.astype(np.int64), probs=probs)
         tokens = torch.cat([o["tokens"] for o in outputs]).cpu()[order]
-        texts = self.loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        texts = [self.assistant_prefix + t for t in self.decode(tokens)]
         scores = np.array(
-            [parse_answer(t, self.config.parse_window) for t in texts], dtype=np.int64
+            [parse_answer(t, self.config.parse_window, self.config.parse) for t in texts],
+            dtype=np.int64,
         )
         return Answers(scores=scores, texts=texts)
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Each row of generated ``tokens`` (rows, steps) as text up to and including its first
+        end-of-turn token, special tokens kept (as the reference code decodes)."""
+        eos = torch.tensor(self._module.eos_ids)
+        ends = torch.isin(tokens, eos)
+        rows = []
+        for row, end in zip(tokens.tolist(), ends):
+            stop = int(end.nonzero()[0, 0]) + 1 if end.any() else len(row)
+            rows.append(row[:stop])
+        return self.loaded.tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

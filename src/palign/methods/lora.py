@@ -18,7 +18,7 @@ import torch
 
 from palign.constants import ANSWER_LABELS, OPTION_LETTERS
 from palign.data.papi import Item, Subject
-from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, item_question
+from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.methods.base import Answers, Artifact, Method, MethodContext
 from palign.models.placement import check_precision, make_trainer
 from palign.progress import StepBar
@@ -189,7 +189,7 @@ class LoraMethod(Method):
     def prompt_ids(self, item: Item) -> list[int]:
         """The item prompt with the assistant turn opened (no prefill)."""
         return self.renderer.encode(
-            self.renderer.render(NEUTRAL_SYSTEM_PROMPT, item_question(item))
+            self.renderer.render(NEUTRAL_SYSTEM_PROMPT, self.context.scorer.question(item))
         )
 
     def answer(self, subject: Subject, artifact: AdapterArtifact, items: Sequence[Item]) -> Answers:

@@ -5,14 +5,18 @@ direction, choose how far).
    (subject-independent, cached: :mod:`palign.pas.activations`).
 2. Labels per subject: items answered 4-5 label the "A" row 1 and the "E" row 0; 1-2 the reverse;
    3 and missing are skipped.
-3. One logistic probe per head on a seeded 60/40 item split; the top K heads by validation
-   accuracy (``ranking=mean_train_val`` under the paper protocol).
+3. One logistic probe per head on a seeded 60/40 split (by item; ``split=row`` under the paper
+   protocol); the top K heads by validation accuracy (``ranking=mean_train_val``, ties to the
+   last head, under the paper protocol).
 4. Per kept head a unit mass-mean direction (or the probe's weights) and sigma.
-5. Shift each kept head by ``alpha * sigma * direction`` at every position.
+5. Shift each kept head by ``alpha * sigma * direction`` at every position, answering with the
+   subject's 120 answers as few-shot context in the system prompt (``with_context``; always
+   under the paper protocol, where alpha = 0 is the few-shot baseline) or without.
 6. ``selection=alignment_items`` (clean): alpha chosen by k-fold over the subject's own 120 items
    (fit on the other folds, score the held-out items); test items are never read.
-   ``selection=test_items`` (paper): alpha chosen on the test items, as the reference code; the
-   report says so.
+   ``selection=test_items`` (paper): the test items are answered under every alpha and the
+   evaluation chooses among these :class:`Candidates` on the test answers, as the reference code;
+   the row and the report say so.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from palign.data.papi import Item, Subject
 from palign.eval.metrics import best_candidate
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
-from palign.pas.activations import contrastive_activations
+from palign.pas.activations import SHAPES, contrastive_activations
 from palign.pas.heads import HeadShift, PASError, head_layout
 from palign.pas.probes import (
+    SPLITS,
+    TIES,
     fit_probes,
     mass_mean_directions,
     projection_sigma,
@@ -89,6 +95,9 @@ class PAS(Method):
         layers: Sequence[int] | None = None,
         train_fraction: float = 0.6,
         probe_c: float = 1.0,
+        split: str = "item",
+        ties: str = "first",
+        contrastive: str = "scoring",
         subject_batch: int = 8,
         seed: int = 0,
     ):
@@ -100,6 +109,14 @@ class PAS(Method):
             raise PASError(f"method.ranking={ranking!r} is not 'val' or 'mean_train_val'")
         if not alphas:
             raise PASError("method.alphas is empty")
+        for key, value, allowed in (
+            ("split", split, SPLITS),
+            ("ties", ties, TIES),
+            ("contrastive", contrastive, SHAPES),
+        ):
+            if value not in allowed:
+                raise PASError(f"method.{key}={value!r} is not one of {allowed}")
+        self.split, self.ties, self.contrastive = split, ties, contrastive
         if selection == "alignment_items" and folds < 2:
             raise PASError(f"method.folds={folds}: k-fold alpha selection needs at least 2 folds")
         self.top_k, self.alphas, self.folds = top_k, [float(a) for a in alphas], folds
@@ -123,7 +140,7 @@ class PAS(Method):
         self.layout = head_layout(scorer.loaded.model)
         self.items = context.data.inventory.train_items
         start = time.perf_counter()
-        acts = contrastive_activations(scorer, self.layout, self.items)
+        acts = contrastive_activations(scorer, self.layout, self.items, shape=self.contrastive)
         self.activation_s = time.perf_counter() - start
         n_layers, n_heads, dim = self.layout.shape
         device = scorer.loaded.device
@@ -176,14 +193,16 @@ class PAS(Method):
             seeds = [seed + g for g in range(n_groups)]
             ys.append(np.broadcast_to(y, mask.shape))
             masks.append(mask)
-            trains.append(split_rows(self.item_of_row, mask, self.train_fraction, seeds))
+            trains.append(
+                split_rows(self.item_of_row, mask, self.train_fraction, seeds, by=self.split)
+            )
         mask, train = np.concatenate(masks), np.concatenate(trains)  # (subjects * groups, rows)
         dev = self.x.device
         yt = torch.from_numpy(np.concatenate(ys)).to(dev)
         mt, tt = torch.from_numpy(mask).to(dev), torch.from_numpy(train).to(dev)
         start = time.perf_counter()
         probes = fit_probes(self.x, yt, tt, mt & ~tt, c=self.probe_c)
-        top = rank_heads(probes, self.ranking, self.top_k, self.allowed)
+        top = rank_heads(probes, self.ranking, self.top_k, self.allowed, ties=self.ties)
         if self.direction == "mass_mean":
             directions, sigma = mass_mean_directions(self.x, yt, mt)
         else:
@@ -248,6 +267,9 @@ class PAS(Method):
                 "direction_type": self.direction,
                 "per_trait": self.per_trait,
                 "with_context": self.with_context,
+                "split": self.split,
+                "ties": self.ties,
+                "contrastive": self.contrastive,
                 "layers": list(self.layers) if self.layers else None,
                 "labelled_items": int(mask.any(0).sum() // 2),
             },
@@ -306,8 +328,10 @@ class PAS(Method):
             else "ON THE TEST ITEMS (protocol=paper, as the reference code; optimistic)"
         )
         notes = [
-            f"PAS: top {self.top_k} heads by {self.ranking} accuracy, {self.direction} "
-            f"directions, {'per-trait' if self.per_trait else 'pooled'} intervention, "
+            f"PAS: top {self.top_k} heads by {self.ranking} accuracy (probe split by "
+            f"{self.split}, ties to the {self.ties} head), {self.direction} directions from "
+            f"{self.contrastive}-shaped contrastive prompts, "
+            f"{'per-trait' if self.per_trait else 'pooled'} intervention, "
             f"{'with' if self.with_context else 'without'} the few-shot context.",
             f"PAS alpha chosen from {self.alphas} {where}; chosen alpha (subjects): {chosen}.",
         ]

@@ -56,9 +56,25 @@ class FewShot(PromptMethod):
 
 
 class PersonalityPrompt(PromptMethod):
-    """P^2: the subject's personality description (``personality_prompt.json``) as system prompt."""
+    """P^2: the subject's personality description (``personality_prompt.json``) as system prompt,
+    as published. The descriptions were written from the stored answers read as raw ones, so
+    under ``coding=keyed`` (protocol=clean) they describe the reverse-keyed alignment items the
+    wrong way round; :meth:`notes` labels the report."""
 
     name = "personality_prompt"
+
+    def notes(self, rows: Sequence[dict]) -> list[str]:
+        if self.context.data.coding == "as_stored":
+            return []
+        inventory = self.context.data.inventory
+        reverse = sum(it.key < 0 for it in inventory.train_items)
+        return [
+            "personality_prompt (P^2) is BUILT ON MIS-KEYED DESCRIPTIONS under this protocol: "
+            "the published personality_prompt.json texts were written from the stored answers "
+            f"read as raw ones, so for the {reverse} reverse-keyed of the "
+            f"{len(inventory.train_items)} alignment items they describe the subject's answer the "
+            "wrong way round, while this protocol decodes them (coding=keyed). Used as published."
+        ]
 
     def system_prompt(self, subject: Subject, items: Sequence[Item]) -> str:
         if not subject.persona:

@@ -1,7 +1,8 @@
 """Contrastive head activations: every head's output at the prefilled answer letter.
 
 For each item, the prompt (neutral system prompt) is rendered with the assistant's answer
-prefilled up to option letter "A", and again up to "E". Each head's output (its slice of the
+prefilled up to option letter "A", and again up to "E" (shaped as the scorer asks, or as the
+reference code does: :func:`contrastive_prompts`). Each head's output (its slice of the
 ``o_proj`` input) at that last token is recorded. These do not depend on the subject, so they are
 computed once per model and prompt setting and cached on disk.
 """
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from palign.data.papi import Item
-from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
+from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, reference_contrastive_question
 from palign.eval.scoring import Scorer
 from palign.models.loading import cache_root
 from palign.pas.heads import HeadLayout, PASError
@@ -73,14 +74,32 @@ def _model_fingerprint(model) -> str:
     return digest.hexdigest()[:12]
 
 
+SHAPES = ("scoring", "reference")
+
+
 def contrastive_prompts(
-    scorer: Scorer, items: Sequence[Item], system_prompt: str = NEUTRAL_SYSTEM_PROMPT
+    scorer: Scorer,
+    items: Sequence[Item],
+    system_prompt: str = NEUTRAL_SYSTEM_PROMPT,
+    shape: str = "scoring",
 ) -> list[list[int]]:
-    """Token ids: rows 2i / 2i+1 are item i answered "A" / "E" (prefilled). Checks that the two
-    prompts differ exactly at their recorded (last) token."""
-    prefix = scorer.config.answer_prefix
-    pos = scorer.encode_prompts(system_prompt, items, prefix + POSITIVE)
-    neg = scorer.encode_prompts(system_prompt, items, prefix + NEGATIVE)
+    """Token ids: rows 2i / 2i+1 are item i answered "A" / "E" (prefilled). ``shape="scoring"``:
+    the scorer's question, the answer after ``scoring.answer_prefix`` ("Option (A"): the heads
+    are read where logit scoring reads the answer. ``"reference"``: as the reference code, the
+    statement as printed (:func:`reference_contrastive_question`) and the bare letter as the
+    assistant's answer. Checks that the two prompts differ exactly at their recorded (last)
+    token."""
+    if shape not in SHAPES:
+        raise PASError(f"method.contrastive={shape!r} is not one of {SHAPES}")
+    if shape == "scoring":
+        prefix = scorer.config.answer_prefix
+        pos = scorer.encode_prompts(system_prompt, items, prefix + POSITIVE)
+        neg = scorer.encode_prompts(system_prompt, items, prefix + NEGATIVE)
+    else:
+        render, encode = scorer.renderer.render, scorer.renderer.encode
+        questions = [reference_contrastive_question(it) for it in items]
+        pos = [encode(render(system_prompt, q, POSITIVE)) for q in questions]
+        neg = [encode(render(system_prompt, q, NEGATIVE)) for q in questions]
     rows = []
     for item, a, e in zip(items, pos, neg, strict=True):
         if a[-1] == e[-1] or a[:-1] != e[:-1]:
@@ -99,12 +118,14 @@ def contrastive_activations(
     items: Sequence[Item],
     system_prompt: str = NEUTRAL_SYSTEM_PROMPT,
     cache_dir: str | None = None,
+    shape: str = "scoring",
 ) -> torch.Tensor:
-    """(items, 2, layers, heads, head_dim) float32 head outputs for the "A" and "E" answers.
+    """(items, 2, layers, heads, head_dim) float32 head outputs for the "A" and "E" answers
+    (prompts of :func:`contrastive_prompts` ``shape``).
 
     Cached under ``<cache_root>/activations/`` by model name, weights digest and prompt tokens.
     """
-    prompts = contrastive_prompts(scorer, items, system_prompt)
+    prompts = contrastive_prompts(scorer, items, system_prompt, shape)
     key = hashlib.sha1()
     key.update(f"{scorer.loaded.name}:{_model_fingerprint(scorer.loaded.model)}".encode())
     for p in prompts:

@@ -30,18 +30,35 @@ class ProbeFit:
     val_acc: torch.Tensor
 
 
+SPLITS = ("item", "row")
+
+
 def split_rows(
-    item_of_row: np.ndarray, labelled: np.ndarray, train_fraction: float, seeds: list[int]
+    item_of_row: np.ndarray,
+    labelled: np.ndarray,
+    train_fraction: float,
+    seeds: list[int],
+    by: str = "item",
 ) -> np.ndarray:
-    """Seeded train/validation split per subject, keeping an item's rows on the same side.
+    """Seeded train/validation split of each subject's labelled rows.
 
     ``item_of_row``: (rows,) item index of each row; ``labelled``: (subjects, rows) bool.
-    Returns ``train`` (subjects, rows) bool; validation = labelled & ~train.
+    ``by="item"`` keeps an item's rows (its "A" and "E" prompts) on the same side, a fraction
+    ``train_fraction`` of the items (rounded) in train; ``by="row"`` draws ``int(train_fraction
+    * rows)`` of the labelled rows, as the reference code (an item's two rows can then fall on
+    both sides, so validation sees the train items' mirror images). Returns ``train``
+    (subjects, rows) bool; validation = labelled & ~train.
     """
+    if by not in SPLITS:
+        raise ValueError(f"split by {by!r} is not one of {SPLITS}")
     train = np.zeros_like(labelled)
     for s, seed in enumerate(seeds):
-        items = np.unique(item_of_row[labelled[s]])
         rng = np.random.default_rng(seed)
+        if by == "row":
+            rows = np.flatnonzero(labelled[s])
+            train[s, rng.permutation(rows)[: int(train_fraction * len(rows))]] = True
+            continue
+        items = np.unique(item_of_row[labelled[s]])
         chosen = rng.permutation(items)[: int(round(train_fraction * len(items)))]
         train[s] = labelled[s] & np.isin(item_of_row, chosen)
     return train
@@ -240,12 +257,24 @@ def fit_probes(
     )
 
 
+TIES = ("first", "last")
+
+
 def rank_heads(
-    fit: ProbeFit, ranking: str, top_k: int, allowed: torch.Tensor | None = None
+    fit: ProbeFit,
+    ranking: str,
+    top_k: int,
+    allowed: torch.Tensor | None = None,
+    ties: str = "first",
 ) -> torch.Tensor:
     """Indices (subjects, top_k) of the best heads by ``ranking``: ``val`` (validation accuracy)
     or ``mean_train_val`` (mean of train and validation accuracy, as the reference code).
-    Ties keep the lower head index. ``allowed``: (heads,) bool restricting the candidates."""
+    Equal scores (exact: the accuracies are counts over the same rows) go to the lower head
+    index first (``ties="first"``) or the higher (``"last"``: the reference code's order, a
+    descending rank read from an ascending sort reversed). ``allowed``: (heads,) bool
+    restricting the candidates."""
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r} is not one of {TIES}")
     if ranking == "val":
         score = fit.val_acc
     elif ranking == "mean_train_val":
@@ -254,8 +283,10 @@ def rank_heads(
         raise ValueError(f"method.ranking={ranking!r} is not 'val' or 'mean_train_val'")
     if allowed is not None:
         score = torch.where(allowed.to(score.device), score, torch.full_like(score, -1.0))
-    order = torch.sort(-score, dim=-1, stable=True).indices
-    return order[:, :top_k]
+    if ties == "last":
+        flipped = torch.sort(-score.flip(-1), dim=-1, stable=True).indices
+        return (score.shape[-1] - 1 - flipped)[:, :top_k]
+    return torch.sort(-score, dim=-1, stable=True).indices[:, :top_k]
 
 
 @torch.no_grad()
