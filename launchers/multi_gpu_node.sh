@@ -3,15 +3,26 @@
 #   launchers/multi_gpu_node.sh OUT_DIR [palign overrides...]
 # e.g. launchers/multi_gpu_node.sh outputs/pas_8b method=pas model=llama3_8b hardware=gpu
 # GPUs: $PALIGN_GPUS, else the count nvidia-smi lists. Logs in OUT_DIR/logs/, the merged run in
-# OUT_DIR/merged. Re-running the same command resumes every shard.
+# OUT_DIR/merged. Re-running the same command resumes every shard. Missing or invalid arguments
+# fail in one line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+USAGE='launchers/multi_gpu_node.sh OUT_DIR [palign overrides...]'
+source launchers/_common.sh
+(( $# >= 1 )) || die "missing OUT_DIR"
 OUT=$1
 shift
+need_out_dir "$OUT"
 PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
-N=${PALIGN_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+if [[ -n ${PALIGN_GPUS:-} ]]; then
+  need_count PALIGN_GPUS "$PALIGN_GPUS"
+  N=$PALIGN_GPUS
+else
+  N=$(nvidia-smi -L 2>/dev/null | wc -l || true)  # no nvidia-smi: 0
+  N=${N//[[:space:]]/}
+fi
 (( N > 0 )) || { echo "multi_gpu_node.sh: no GPU found (set PALIGN_GPUS)" >&2; exit 2; }
-mkdir -p "$OUT/logs"
+mkdir -p -- "$OUT/logs"
 pids=()
 for (( i = 0; i < N; i++ )); do
   CUDA_VISIBLE_DEVICES=$i PY=$PY launchers/shard_job.sh "$OUT" "$i" "$N" "$@" \

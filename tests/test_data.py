@@ -7,6 +7,7 @@ import pytest
 from palign.data import PapiDataError, keyed, load_papi, locate_papi, select_subjects
 from palign.data.check import keyed_mean_correlations, verdict
 from palign.data.check import main as check_main
+from palign.errors import ConfigError
 
 
 def test_items_are_looked_up_by_full_number(papi):
@@ -90,7 +91,7 @@ def test_subject_selection(papi):
     a = select_subjects(subjects, sample=10, seed=1)
     assert [s.case for s in a] == [s.case for s in select_subjects(subjects, sample=10, seed=1)]
     assert [s.case for s in a] != [s.case for s in select_subjects(subjects, sample=10, seed=2)]
-    with pytest.raises(PapiDataError, match="unknown case id"):
+    with pytest.raises(ConfigError, match="unknown case id"):
         select_subjects(subjects, cases=[-5])
 
 
@@ -182,5 +183,5 @@ def test_missing_directory_says_where_to_get_the_data(tmp_path, monkeypatch):
 
 
 def test_unknown_coding(papi_copy):
-    with pytest.raises(PapiDataError, match="dataset.coding='raw'"):
+    with pytest.raises(ConfigError, match="protocol.coding='raw'"):
         load_papi(papi_copy, coding="raw")

@@ -14,10 +14,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from palign.data.papi import PapiDataError, select_subjects
+from palign.data.papi import select_subjects
+from palign.errors import ConfigError, RunDirError
 from palign.merge import merge
-from palign.methods.base import ConfigError
 from palign.run import build, check_objective, objective, run
+from palign.rundir import RunDir
 from palign.tracking import RunTracker
 from wandb_records import read_wandb_run
 
@@ -59,7 +60,7 @@ def test_shards_split_the_selection(papi):
     assert [len(p) for p in parts] == [4, 3, 3]
     assert sorted(s.case for p in parts for s in p) == sorted(s.case for s in full)
     for bad in ("3/3", "1-3", "x/2"):
-        with pytest.raises(PapiDataError, match="dataset.shard"):
+        with pytest.raises(ConfigError, match="dataset.shard"):
             select_subjects(papi.subjects, shard=bad)
 
 
@@ -122,7 +123,7 @@ def test_wandb_run_is_finished_as_failed_after_an_error(cfg_factory, monkeypatch
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = cfg_factory(*TINY, "logger=wandb", "logger.name=failing")
     Path(cfg.paths.output_dir).mkdir(parents=True)
-    tracker = RunTracker.from_config(cfg, "few_shot")
+    tracker = RunTracker.from_config(cfg, "few_shot", RunDir(cfg.paths.output_dir))
     row = {
         "method": "few_shot",
         "case": 1,
@@ -171,11 +172,14 @@ def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path):
     before = {p.name: p.read_text() for p in rows_dir.glob("*.json")}
     assert 1 <= len(before) < 4, "the run was not killed mid-way"
     assert not (out / "summary.json").exists()
+    assert (out / RunDir.LOCK).is_file()  # left by the killed run: taken over below
 
     resumed = palign(*args, f"resume={out}")
     assert f"{len(before)} finished subject(s) found" in resumed.stdout + resumed.stderr
     assert {p.name: p.read_text() for p in rows_dir.glob("*.json") if p.name in before} == before
     summary = json.loads((out / "summary.json").read_text())
+    assert not (out / RunDir.LOCK).exists()
+    assert [p.name for p in (out / ".hydra").iterdir() if p.is_dir()][0].startswith("resume_")
 
     fresh = run(cfg_factory(*TINY, "method=few_shot", "dataset.limit=4"))
     assert summary["cases"] == fresh["cases"]
@@ -186,15 +190,15 @@ def test_resume_refuses_another_config_and_unknown_dirs(cfg_factory, tmp_path):
     cfg = cfg_factory(*TINY, "method=no_change", "dataset.limit=1")
     run(cfg)
     out = cfg.paths.output_dir
-    with pytest.raises(ConfigError, match="already holds results"):
+    with pytest.raises(RunDirError, match="already holds results"):
         run(cfg)
     other = cfg_factory(*TINY, "method=no_change", "dataset.limit=2", f"resume={out}")
     with open_dict(other):
         other.paths.output_dir = out
-    with pytest.raises(ConfigError, match="differs .* at dataset.limit"):
+    with pytest.raises(RunDirError, match="differs .* at dataset.limit"):
         run(other)
     missing = cfg_factory(*TINY, "method=no_change", f"resume={tmp_path}/nothing", out="nothing")
-    with pytest.raises(ConfigError, match="no palign run"):
+    with pytest.raises(RunDirError, match="no palign run"):
         run(missing)
     twice = cfg_factory(*TINY, "method=dpo_cpu", "compare=[dpo]", out="twice")
     with pytest.raises(ConfigError, match="names .* repeat"):

@@ -10,7 +10,6 @@ a DPO/PPO adapter is loaded onto the model for the second reply.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -18,6 +17,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from palign import CONF_DIR
+from palign.errors import ConfigError, cli
 from palign.eval.prompts import PromptRenderer
 from palign.methods.lora import adapter_applied
 from palign.models.loading import LoadedModel
@@ -63,15 +64,16 @@ def profile_applied(loaded: LoadedModel, profile: PASProfile, alpha: float | Non
     return lambda: HeadShift(layout, profile.total_shift(alpha))
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from palign.run import USER_ERRORS, build
+    from palign.run import build
 
-    if bool(cfg.profile) == bool(cfg.adapter):
-        sys.exit(
-            "palign.generate: error: give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<method>/<case> folder>"
-        )
-    try:
+    with cli("palign.generate"):
+        if bool(cfg.profile) == bool(cfg.adapter):
+            raise ConfigError(
+                "give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<method>/<case> "
+                "folder>, one of the two"
+            )
         loaded = build(cfg.model)
         if cfg.profile:
             profile = PASProfile.load(cfg.profile)
@@ -93,8 +95,6 @@ def main(cfg: DictConfig) -> None:
             cfg.temperature,
             cfg.seed,
         )
-    except USER_ERRORS as e:
-        sys.exit(f"palign.generate: error: {e}")
     print(f"Prompt: {cfg.prompt}\n")
     print(f"--- {loaded.name}, no profile ---\n{base}\n")
     print(f"--- {loaded.name} + {label} ---\n{aligned}")

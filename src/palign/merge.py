@@ -12,42 +12,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from palign.data.papi import load_papi
-from palign.eval.answers import answers_path
-from palign.methods.base import ConfigError
+from palign.errors import ConfigError, RunDirError, cli
 from palign.report import aggregate
-from palign.run import (
-    RESUME_FREE_KEYS,
-    USER_ERRORS,
-    baseline_rows,
-    build,
-    config_differences,
-    finished_rows,
-    method_config,
-    select,
-    summarize,
-    write_atomic,
-    write_outputs,
-)
+from palign.run import baseline_rows, build, method_config, select, summarize, write_outputs
+from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
+
+log = logging.getLogger("palign")
 
 
 def _load_config(run_dir: Path) -> DictConfig:
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a palign run dir (no config.yaml)")
-    return OmegaConf.load(path)
+        raise RunDirError(f"{run_dir}: not a palign run dir (no config.yaml)")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # YAML syntax or encoding: the file is named, not a traceback
+        raise RunDirError(f"{path}: not a readable config ({type(e).__name__})") from None
 
 
 def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
     """Merge ``shard_dirs`` into ``out_dir`` (results, answers, summary.json, report.md, and
-    links to the shards' artifact folders); returns the summary."""
+    relative links to the shards' artifact folders); returns the summary. ``out_dir`` is a new
+    folder, or an earlier merge of the same shard dirs (all of its content comes from them:
+    merging again after more shards finished loses nothing). Only palign's own ``_target_``
+    classes are built from the shards' configs."""
     if not shard_dirs:
         raise ConfigError("merge: no shard run dirs given")
+    out = RunDir(out_dir)
+    shards = [RunDir(d) for d in shard_dirs]
+    if out.path.exists() and (not out.path.is_dir() or any(out.path.iterdir())):
+        earlier = out.read_summary() if out.summary.is_file() else {}
+        if earlier.get("merged_from") != [str(d) for d in shard_dirs]:
+            raise RunDirError(
+                f"merge --out {out_dir}: already exists and is not an earlier merge of these "
+                "shards; merge never overwrites anything else",
+                "choose a new folder for the merged run",
+            )
+        log.info("%s: an earlier merge of the same shards, merged again", out_dir)
+    out.check_writable()
     configs = [_load_config(d) for d in shard_dirs]
     ignore = (*RESUME_FREE_KEYS, "dataset.shard")
     for d, c in zip(shard_dirs[1:], configs[1:]):
@@ -67,10 +75,10 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
     rows = {}
     for name in names:
         found, shard_of = {}, {}
-        for d in shard_dirs:
-            rows_here = finished_rows(d / "results" / name)
+        for shard in shards:
+            rows_here = shard.finished_rows(name)
             found.update(rows_here)
-            shard_of.update(dict.fromkeys(rows_here, d))
+            shard_of.update(dict.fromkeys(rows_here, shard))
         missing = [s.case for s in subjects if s.case not in found]
         if missing:
             raise ConfigError(
@@ -80,16 +88,12 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
             )
         rows[name] = [found[s.case] for s in subjects]
         for row in rows[name]:
-            answers = answers_path(shard_of[row["case"]], name, row["case"])
+            answers = shard_of[row["case"]].answers_file(name, row["case"])
             if not answers.is_file():
-                raise ConfigError(f"merge: {answers} is missing (the subject's answers)")
-            write_atomic(answers_path(out_dir, name, row["case"]), answers.read_text())
-            write_atomic(out_dir / "results" / name / f"{row['case']}.json", json.dumps(row))
-    models = {
-        json.loads((d / "summary.json").read_text())["model"]
-        for d in shard_dirs
-        if (d / "summary.json").is_file()
-    }
+                raise RunDirError(f"merge: {answers} is missing (the subject's answers)")
+            write_atomic(out.answers_file(name, row["case"]), answers.read_text())
+            write_atomic(out.results(name) / f"{row['case']}.json", json.dumps(row))
+    models = {shard.read_summary()["model"] for shard in shards if shard.summary.is_file()}
     model_name = models.pop() if len(models) == 1 else cfg.model.name
     compare = {name: aggregate(rows[name]) for name in names[1:]}
     summary = summarize(
@@ -100,17 +104,14 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
         subjects,
         rows[method.name],
         compare,
-        baseline_rows(data, subjects, out_dir / "answers"),
+        baseline_rows(data, subjects, out),
     )
     summary["merged_from"] = [str(d) for d in shard_dirs]
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    for d in shard_dirs:  # artifacts stay in the shards (adapters are large): linked
-        for folder in sorted(d.glob("artifacts/*/*")):
-            link = out_dir / folder.relative_to(d)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                link.symlink_to(folder.resolve(), target_is_directory=True)
-    print(write_outputs(out_dir, summary, rows))
+    write_atomic(out.config, OmegaConf.to_yaml(cfg))
+    for shard in shards:  # artifacts stay in the shards (adapters are large): linked
+        for folder in sorted(shard.path.glob("artifacts/*/*")):
+            out.link(folder, out.path / folder.relative_to(shard.path))
+    print(write_outputs(out, summary, rows))
     return summary
 
 
@@ -121,10 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the merged run dir (created)")
     parser.add_argument("shards", type=Path, nargs="+", help="the shards' run dirs")
     args = parser.parse_args(argv)
-    try:
+    with cli("palign.merge"):
         merge(args.shards, args.out)
-    except USER_ERRORS as e:
-        sys.exit(f"palign.merge: error: {e}")
     print(f"Merged {len(args.shards)} shard(s) into {args.out}")
 
 

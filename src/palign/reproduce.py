@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from palign.constants import TRAITS
-from palign.eval.answers import answers_path, read_answers, read_table, table_metrics
+from palign.errors import RunDirError, cli
+from palign.eval.answers import read_answers, read_table, table_metrics
 from palign.published import PAPER_METHOD, PAPER_MODEL, TABLE1, Published, published
 from palign.report import aggregate, fmt
+from palign.rundir import RunDir
 
 #: Paper's training steps per subject for DPO and PPO (250), shown beside palign's.
 PAPER_STEPS = 250
@@ -45,21 +45,8 @@ ALPHA_KEYS = {
     "alpha_scores_on_test_items": "Score on the 180 test items",
 }
 
-#: Keys of ``summary.json`` this module reads.
-SUMMARY_KEYS = (
-    "method",
-    "model",
-    "protocol",
-    "n_test_items",
-    "cases",
-    "mae",
-    "score",
-    "unk_rate",
-    "baselines",
-)
 
-
-class ReproduceError(Exception):
+class ReproduceError(RunDirError):
     """A run dir that cannot be read; the message names the file."""
 
 
@@ -127,27 +114,6 @@ class Run:
         return cls(path, summary, methods)
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ReproduceError(f"{path}: missing (is {path.parent} a finished palign run dir?)")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ReproduceError(f"{path}: not valid JSON ({e})") from None
-
-
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ReproduceError(f"{path}: missing (per-subject rows of a method in summary.json)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            raise ReproduceError(f"{path}: line {number} is not valid JSON ({e})") from None
-    return rows
-
-
 def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
@@ -174,7 +140,7 @@ def answers_rows(
     by_case = {r["case"]: r for r in stored}
     rows = []
     for case in cases:
-        file = answers_path(path, name, case)
+        file = RunDir(path).answers_file(name, case)
         if not file.is_file():
             raise ReproduceError(
                 f"{file}: missing (every subject's answers of {name}; runs of palign before "
@@ -200,16 +166,11 @@ def load_run(path: Path) -> Run:
     """Read a run dir, every method's per-subject numbers computed from its answers files and
     checked against ``summary.json`` to the last digit; :class:`ReproduceError` names the file
     that is missing, corrupt or disagrees."""
-    summary_path = path / "summary.json"
-    summary = _read_json(summary_path)
-    if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
-        raise ReproduceError(
-            f"{summary_path}: not a palign summary (needs the keys {', '.join(SUMMARY_KEYS)})"
-        )
+    run_dir = RunDir(path)
+    summary, summary_path = run_dir.read_summary(), run_dir.summary
     cases = summary["cases"]
-    stored = {summary["method"]: _read_rows(path / "results.jsonl")}
-    for name in summary.get("compare", {}):
-        stored[name] = _read_rows(path / "compare" / f"{name}.jsonl")
+    main = summary["method"]
+    stored = {name: run_dir.read_rows(name, main) for name in [main, *summary["compare"]]}
     rows = {name: answers_rows(path, name, cases, r) for name, r in stored.items()}
     baselines = {name: answers_rows(path, name, cases) for name in summary["baselines"]}
     entries = {
@@ -590,10 +551,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the outputs")
     parser.add_argument("run_dirs", type=Path, nargs="+", help="run dirs of `python -m palign`")
     args = parser.parse_args(argv)
-    try:
+    with cli("palign.reproduce"):
         written = reproduce(args.run_dirs, args.out)
-    except ReproduceError as e:
-        sys.exit(f"palign.reproduce: error: {e}")
     print(f"Wrote {len(written)} files to {args.out}:")
     print("\n".join(f"  {p}" for p in written))
 

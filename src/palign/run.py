@@ -15,39 +15,32 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
-from palign import __version__
+from palign import CONF_DIR, __version__
 from palign.constants import TRAITS
-from palign.data.papi import Inventory, PapiData, PapiDataError, Subject, load_papi, select_subjects
+from palign.data.papi import Inventory, PapiData, Subject, load_papi, select_subjects
+from palign.errors import ConfigError, PalignError
 from palign.eval.answers import answer_table, table_metrics, write_table
 from palign.eval.metrics import best_candidate
-from palign.eval.scoring import Scorer, ScoringConfig, ScoringError
-from palign.methods.base import Answers, Artifact, Candidates, ConfigError, Method, MethodContext
+from palign.eval.scoring import Scorer, ScoringConfig
+from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
-from palign.models.loading import ModelLoadError
-from palign.models.placement import PlacementError, check_device, check_precision
-from palign.pas.heads import PASError
+from palign.models.placement import check_device, check_precision
 from palign.report import aggregate, report_markdown
 from palign.reproduce import load_run, plot_run
+from palign.rundir import SCHEMA_VERSION, RunDir, check_resume, write_atomic
 from palign.tracking import RunTracker
 
 log = logging.getLogger("palign")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-#: Errors that describe bad input or an impossible config: shown as one line, no traceback.
-USER_ERRORS = (PapiDataError, ModelLoadError, ScoringError, PASError, ConfigError, PlacementError)
 
 
 def evaluate_group(
@@ -124,18 +117,18 @@ def answers_of(
 
 
 def baseline_rows(
-    data: PapiData, subjects: Sequence[Subject], answers_dir: Path | None = None
+    data: PapiData, subjects: Sequence[Subject], run_dir: RunDir | None = None
 ) -> dict[str, list[dict]]:
     """Per-subject result rows of every statistical baseline on ``subjects``; with
-    ``answers_dir``, their answers too (``answers_dir/<baseline>/<case>.csv``)."""
+    ``run_dir``, their answers files too."""
     out = {}
     for cls in BASELINES:
         baseline = cls()
         baseline.setup(MethodContext(data))
         out[baseline.name] = []
         for row, _, table in evaluate_group(baseline, subjects, data.inventory):
-            if answers_dir is not None:
-                write_table(answers_dir / baseline.name / f"{row['case']}.csv", table)
+            if run_dir is not None:
+                write_table(run_dir.answers_file(baseline.name, row["case"]), table)
             out[baseline.name].append(row)
     return out
 
@@ -155,47 +148,27 @@ def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, d
     return aggregate_baselines(baseline_rows(data, subjects))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def finished_rows(rows_dir: Path) -> dict[int, dict]:
-    """The per-subject rows already written in ``rows_dir`` (``<case>.json``), by case."""
-    done = {}
-    for path in sorted(rows_dir.glob("*.json")) if rows_dir.is_dir() else []:
-        try:
-            row = json.loads(path.read_text())
-            done[int(row["case"])] = row
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"resume: {path} is not a palign result row ({e})") from None
-    return done
-
-
 def evaluate_all(
     method: Method,
     subjects: Sequence[Subject],
     inventory: Inventory,
-    rows_dir: Path,
-    answers_dir: Path,
-    artifacts: Path | None = None,
+    run_dir: RunDir,
+    save_artifacts: bool = True,
     tracker: RunTracker | None = None,
     meter: CostMeter | None = None,
 ) -> list[dict]:
     """Evaluate ``method`` on every subject, ``method.subject_batch`` at a time, with a progress
-    bar. Each subject's answers (``answers_dir/<case>.csv``), artifact and then row
-    (``rows_dir/<case>.json``) are written atomically as soon as its group is done, so a killed
-    run loses at most the group in flight; subjects whose row is already there are not
-    evaluated again (``resume``)."""
-    done = finished_rows(rows_dir)
+    bar. Each subject's answers, artifact (``save_artifacts``) and then row are written into
+    ``run_dir`` atomically as soon as its group is done, so a killed run loses at most the group
+    in flight; subjects whose row is already there are not evaluated again (``resume``)."""
+    done = run_dir.finished_rows(method.name)
     if done:
-        log.info("%s: %d finished subject(s) found in %s", method.name, len(done), rows_dir)
+        log.info(
+            "%s: %d finished subject(s) found in %s",
+            method.name,
+            len(done),
+            run_dir.results(method.name),
+        )
     pending = [s for s in subjects if s.case not in done]
     size = max(1, method.subject_batch)
     results: dict[int, tuple[dict, list | None]] = {}
@@ -207,10 +180,10 @@ def evaluate_all(
         for row, artifact, table in evaluate_group(
             method, pending[start : start + size], inventory, meter
         ):
-            write_table(answers_dir / f"{row['case']}.csv", table)
-            if artifacts is not None:
-                artifact.save(artifacts / str(row["case"]))
-            write_atomic(rows_dir / f"{row['case']}.json", json.dumps(row))
+            write_table(run_dir.answers_file(method.name, row["case"]), table)
+            if save_artifacts:
+                artifact.save(run_dir.artifacts(method.name) / str(row["case"]))
+            write_atomic(run_dir.results(method.name) / f"{row['case']}.json", json.dumps(row))
             results[row["case"]] = (row, artifact.history)
             log.info("%s %s", method.name, _log_line(row))
             bar.update(1)
@@ -241,10 +214,6 @@ def with_setup_cost(entry: dict, cost: dict | None) -> dict:
     return entry
 
 
-def _write_rows(path: Path, rows: Sequence[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
 def _log_line(row: dict) -> str:
     maes = " ".join(f"{t} {row['mae'][t]:.2f}" for t in TRAITS)
     t = row["timing"]
@@ -255,11 +224,19 @@ def _log_line(row: dict) -> str:
 
 
 def build(node: DictConfig):
-    """``hydra.utils.instantiate``, re-raising palign's own errors unwrapped (they name the key)."""
+    """Instantiate a palign config node (``_target_`` must be one of palign's own classes or
+    functions: a config file cannot make palign import anything else), re-raising palign's own
+    errors unwrapped (they name the key)."""
+    target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+    if not target.startswith("palign."):
+        raise ConfigError(
+            f"_target_={target!r}: only palign's own classes can be built from a config "
+            "(palign.<module>.<name>)"
+        )
     try:
         return instantiate(node)
     except InstantiationException as e:
-        if isinstance(e.__cause__, USER_ERRORS):
+        if isinstance(e.__cause__, PalignError):
             raise e.__cause__ from None
         raise
 
@@ -287,64 +264,13 @@ def method_config(cfg: DictConfig, name: str) -> DictConfig:
     return other.method
 
 
-#: Config keys that may differ between a run and its resumption (where and how it is logged).
-RESUME_FREE_KEYS = ("paths", "resume", "logger", "hardware", "task_name", "save_artifacts")
-
-
-def check_resume(cfg: DictConfig, out_dir: Path) -> None:
-    """With ``resume=<run dir>`` (which Hydra makes the run dir): ``out_dir`` must hold a palign
-    run (a multirun job that had not started yet is the exception) whose ``config.yaml`` agrees
-    with ``cfg`` except at :data:`RESUME_FREE_KEYS`. Without ``resume``, ``out_dir`` must not
-    hold results of an earlier run."""
-    resume = cfg.get("resume")
-    saved_path = out_dir / "config.yaml"
-    if not resume:
-        if (out_dir / "results").is_dir():
-            raise ConfigError(
-                f"{out_dir} already holds results of a run: pass resume={out_dir} to continue "
-                "it, or choose another hydra.run.dir"
-            )
-        return
-    if not saved_path.is_file():
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return
-        raise ConfigError(f"resume={resume}: no palign run in {out_dir} (no config.yaml)")
-    diff = config_differences(OmegaConf.load(saved_path), cfg, RESUME_FREE_KEYS)
-    if diff:
-        raise ConfigError(
-            f"resume={resume}: the config differs from the run's {saved_path} at "
-            f"{', '.join(diff[:8])}; resume with the same overrides or start a new run"
-        )
-
-
-def config_differences(a: DictConfig, b: DictConfig, ignore: Sequence[str] = ()) -> list[str]:
-    """Dotted keys at which the resolved configs ``a`` and ``b`` differ, except under the
-    dotted keys of ``ignore``."""
-    skip = set(ignore)
-
-    def walk(x, y, prefix: str) -> list[str]:
-        if prefix.rstrip(".") in skip:
-            return []
-        if isinstance(x, dict) and isinstance(y, dict):
-            return [
-                d
-                for k in sorted(set(x) | set(y))
-                for d in walk(x.get(k), y.get(k), f"{prefix}{k}.")
-            ]
-        return [] if x == y else [prefix.rstrip(".")]
-
-    return walk(
-        OmegaConf.to_container(a, resolve=True), OmegaConf.to_container(b, resolve=True), ""
-    )
-
-
 def select(cfg: DictConfig, data: PapiData) -> list[Subject]:
     """The subjects ``cfg.dataset`` selects (cases, sample, limit, shard)."""
     ds = cfg.dataset
     return select_subjects(
         data.subjects,
         limit=ds.limit,
-        cases=list(ds.cases) if ds.cases else None,
+        cases=ds.cases,
         sample=ds.sample,
         seed=ds.seed,
         shard=ds.get("shard"),
@@ -404,6 +330,7 @@ def summarize(
     and the statistical baselines' (``baselines``: their rows on the same subjects), the
     baselines on all loaded subjects, and every method's ``notes`` for the report."""
     return {
+        "schema": SCHEMA_VERSION,
         "method": method.name,
         "model": model_name,
         "protocol": {
@@ -424,46 +351,55 @@ def summarize(
     }
 
 
-def write_outputs(out_dir: Path, summary: dict, rows: dict[str, Sequence[dict]]) -> str:
+def write_outputs(run_dir: RunDir, summary: dict, rows: dict[str, Sequence[dict]]) -> str:
     """``summary.json``, ``report.md`` and the per-method JSON-lines files (``results.jsonl``
     for the main method, ``compare/<name>.jsonl`` for the others); returns the report."""
     for name, method_rows in rows.items():
-        path = out_dir / ("results.jsonl" if name == summary["method"] else f"compare/{name}.jsonl")
-        _write_rows(path, method_rows)
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+        run_dir.write_rows(name, summary["method"], method_rows)
+    write_atomic(run_dir.summary, json.dumps(summary, indent=2))
     report = report_markdown(summary)
-    write_atomic(out_dir / "report.md", report)
+    write_atomic(run_dir.report, report)
     return report
 
 
 def run(cfg: DictConfig) -> dict:
     """Run one configured evaluation; returns the summary (also written to ``summary.json``).
-    With ``resume=<run dir>`` the subjects already finished there are not evaluated again."""
-    out_dir = Path(cfg.paths.output_dir)
-    check_resume(cfg, out_dir)
-    if get_class(cfg.method._target_).uses_llm:  # before anything is written into the run dir
-        check_device(cfg.hardware.device)
-        check_precision(cfg.hardware.precision)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for key, value in (cfg.hardware.get("env") or {}).items():
-        os.environ.setdefault(str(key), str(value))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    write_atomic(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    With ``resume=<run dir>`` the subjects already finished there are not evaluated again.
 
+    Everything is checked before any work: the run dir (writable, not held by another run,
+    resume allowed), the device, the data and the subject selection, every method's config
+    (``compare`` entries included). Only then is ``config.yaml`` written and the model loaded."""
+    run_dir = RunDir(cfg.paths.output_dir)
+    run_dir.check_writable()
+    with run_dir.lock():
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
+    check_resume(cfg, run_dir)
     data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
     subjects = select(cfg, data)
     method: Method = build(cfg.method)
     check_objective(cfg, method)
-    compare_nodes = [method_config(cfg, name) for name in cfg.get("compare") or []]
-    names = [method.name] + [get_class(node._target_).name for node in compare_nodes]
+    others: list[Method] = [build(method_config(cfg, name)) for name in cfg.get("compare") or []]
+    names = [m.name for m in (method, *others)]
     if len(set(names)) < len(names):
         raise ConfigError(
             f"compare={list(cfg.compare)}: the methods' names {names} repeat; each method of a "
             "run needs its own name (its results/, artifacts/ and report row)"
         )
+    uses_llm = any(m.uses_llm for m in (method, *others))
+    if uses_llm:
+        check_device(cfg.hardware.device)
+        check_precision(cfg.hardware.precision)
+    for key, value in (cfg.hardware.get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    write_atomic(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+
     scorer = None
     model_name = "none (no LLM)"
-    if method.uses_llm:
+    if uses_llm:
         loaded = build(cfg.model)
         model_name = loaded.name
         scorer = Scorer(
@@ -473,20 +409,18 @@ def run(cfg: DictConfig) -> dict:
         )
     meter = scorer.loaded.meter if scorer else None
     setup_cost = {method.name: setup(method, MethodContext(data=data, scorer=scorer), meter)}
-    tracker = RunTracker.from_config(cfg, method.name)
+    tracker = RunTracker.from_config(cfg, method.name, run_dir)
     ok = False
     try:
         tracker.hyperparams(cfg)
-        artifacts = out_dir / "artifacts" if cfg.save_artifacts else None
 
         def evaluate(m: Method) -> list[dict]:
             return evaluate_all(
                 m,
                 subjects,
                 data.inventory,
-                out_dir / "results" / m.name,
-                out_dir / "answers" / m.name,
-                artifacts=artifacts / m.name if artifacts else None,
+                run_dir,
+                save_artifacts=cfg.save_artifacts,
                 tracker=tracker,
                 meter=meter,
             )
@@ -494,8 +428,7 @@ def run(cfg: DictConfig) -> dict:
         rows = {method.name: evaluate(method)}
         notes = method.notes(rows[method.name])
         method.teardown()
-        for node in compare_nodes:  # one at a time: each may change the shared model
-            other = build(node)
+        for other in others:  # one at a time: each may change the shared model
             setup_cost[other.name] = setup(other, MethodContext(data=data, scorer=scorer), meter)
             rows[other.name] = evaluate(other)
             notes += other.notes(rows[other.name])
@@ -505,16 +438,16 @@ def run(cfg: DictConfig) -> dict:
             for name, r in rows.items()
             if name != method.name
         }
-        baselines = baseline_rows(data, subjects, out_dir / "answers")
+        baselines = baseline_rows(data, subjects, run_dir)
         summary = summarize(
             cfg, method, model_name, data, subjects, rows[method.name], compare, baselines, notes
         )
         with_setup_cost(summary, setup_cost[method.name])
-        report = write_outputs(out_dir, summary, rows)
-        plot_run(load_run(out_dir), out_dir / "plots")  # from the files, checked
-        tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], out_dir)
+        report = write_outputs(run_dir, summary, rows)
+        plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked
+        tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], run_dir)
         print(report)
-        log.info("Outputs in %s", out_dir)
+        log.info("Outputs in %s", run_dir.path)
         ok = True
         return summary
     finally:

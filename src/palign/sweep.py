@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from palign.constants import TRAITS
+from palign.errors import RunDirError, cli
+from palign.rundir import RunDir
 
 log = logging.getLogger("palign")
 
@@ -62,14 +63,11 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     jobs = sorted((p.parent for p in sweep_dir.glob("*/config.yaml")), key=_job_order)
     baseline_rows = []
     for job in jobs:
-        path = job / "summary.json"
-        if not path.is_file():
+        run_dir = RunDir(job)
+        if not run_dir.summary.is_file():
             missing.append(job.name)
             continue
-        try:
-            summary = json.loads(path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        summary = run_dir.read_summary()
         overrides = _overrides(job)
         rows.append(
             _entry_row(job.name, overrides, summary, summary["method"], summary, summary["model"])
@@ -135,14 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("sweep_dir", type=Path, help="dir whose sub-dirs are palign run dirs")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        sys.exit(f"palign.sweep: error: {args.sweep_dir} is not a directory")
-    try:
+    with cli("palign.sweep"):
+        if not args.sweep_dir.is_dir():
+            raise RunDirError(f"{args.sweep_dir} is not a directory")
         path = write_table(args.sweep_dir)
-    except ValueError as e:
-        sys.exit(f"palign.sweep: error: {e}")
-    if path is None:
-        sys.exit(f"palign.sweep: error: no summary.json under {args.sweep_dir}/*/")
+        if path is None:
+            raise RunDirError(f"no summary.json under {args.sweep_dir}/*/")
     print(path.read_text())
 
 

@@ -8,19 +8,22 @@ land on one axis; each subject row also logs its ``case`` id.
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from palign.constants import TRAITS
+from palign.rundir import RunDir, write_atomic
 
 log = logging.getLogger("palign")
 
@@ -70,26 +73,56 @@ class RunTracker:
         self.step = 0
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, method: str) -> RunTracker:
+    def from_config(cls, cfg: DictConfig, method: str, run_dir: RunDir) -> RunTracker:
         """Instantiate ``cfg.logger`` (None/empty: no logger). For W&B, ``group``, ``name`` and
         extra ``tags`` (method, model, protocol) are filled in when the config leaves them
         empty, and ``offline: null`` means offline unless an API key is available and
-        ``$WANDB_MODE`` is not ``offline``."""
+        ``$WANDB_MODE`` is not ``offline``; the run's W&B id is kept in the run dir so that a
+        resumed run continues the same W&B run. A resumed CSV log is appended to, never
+        replaced, and its steps continue."""
         node = cfg.get("logger")
         if not node:
             return cls(None)
         extra = {}
-        if str(node.get("_target_", "")).endswith("WandbLogger"):
+        target = str(node.get("_target_", ""))
+        if target.endswith("WandbLogger"):
             offline = node.get("offline")
             if offline is None:
                 offline = not wandb_has_key() or os.environ.get("WANDB_MODE") == "offline"
+            id_file = run_dir.wandb_id
+            run_id = id_file.read_text().strip() if id_file.is_file() else None
+            if run_id is None:
+                run_id = uuid.uuid4().hex[:12]
+                write_atomic(id_file, run_id + "\n")
             extra = dict(
                 offline=bool(offline),
                 group=node.get("group") or _sweep_group(cfg),
-                name=node.get("name") or Path(cfg.paths.output_dir).name,
+                name=node.get("name") or run_dir.path.name,
                 tags=[*(node.get("tags") or []), method, cfg.model.name, cfg.protocol.name],
+                id=run_id,
+                resume="allow",
             )
+        if target.endswith("CSVLogger"):
+            return cls._csv(instantiate(node))
         return cls(instantiate(node, **extra))
+
+    @classmethod
+    def _csv(cls, logger: CSVLogger) -> RunTracker:
+        """A tracker on ``logger`` that keeps the rows of an earlier attempt's ``metrics.csv``
+        (Lightning's CSV writer deletes that file when it starts) and continues its steps."""
+        path = Path(logger.log_dir) / "metrics.csv"
+        kept = path.read_bytes() if path.is_file() else None
+        writer = logger.experiment  # creating the writer removes an existing metrics.csv
+        tracker = cls(logger)
+        if kept:
+            with open(path, "wb") as f:
+                f.write(kept)
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                steps = [int(float(r["step"])) for r in reader if r.get("step")]
+                writer.metrics_keys = sorted(reader.fieldnames or [])
+            tracker.step = max(steps, default=-1) + 1
+        return tracker
 
     def hyperparams(self, cfg: DictConfig) -> None:
         if self.logger is not None:
@@ -117,7 +150,7 @@ class RunTracker:
             }
         )
 
-    def summary(self, summary: dict, rows: Sequence[dict], out_dir: Path) -> None:
+    def summary(self, summary: dict, rows: Sequence[dict], run_dir: RunDir) -> None:
         """Run-level results: ``summary/<method>/...`` for the main, compared and baseline
         methods; for W&B also the run summary, a Table of ``rows`` and the run dir's report,
         summary, results and plots as an artifact; for TensorBoard the report as text."""
@@ -133,7 +166,8 @@ class RunTracker:
             flat[f"summary/{name}/score"] = entry["score"]
             flat.update({f"summary/{name}/mae_{t}": entry["mae"][t] for t in TRAITS})
         self._log(flat)
-        report = (out_dir / "report.md").read_text() if (out_dir / "report.md").exists() else ""
+        out_dir = run_dir.path
+        report = run_dir.report.read_text() if run_dir.report.exists() else ""
         if isinstance(self.logger, WandbLogger):
             import wandb
 

@@ -2,8 +2,9 @@
 
 For every trait, correlates (across subjects) the mean of a subject's positively keyed items with
 the mean of the same subject's negatively keyed items, using the values *as stored*. Positive
-correlations mean the negatively keyed answers are stored reverse-scored (``coding=keyed``);
-negative ones mean they are stored raw (``coding=as_stored``).
+correlations mean the negatively keyed answers are stored reverse-scored
+(``protocol.coding=keyed``, what ``protocol=clean`` uses); negative ones mean they are stored raw
+(``protocol.coding=as_stored``, what ``protocol=paper`` uses).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 import numpy as np
 
 from palign.constants import TRAITS
-from palign.data.papi import N_ITEMS, PapiDataError, load_papi
+from palign.data.papi import N_ITEMS, load_papi
+from palign.errors import cli
 
 
 def keyed_mean_correlations(
@@ -46,11 +48,8 @@ def verdict(correlations: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+    with cli("palign.data.check"):
         data = load_papi(argv[0] if argv else None, coding="as_stored", personas=False)
-    except PapiDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     items = [data.inventory.items[n] for n in range(1, N_ITEMS + 1)]
     traits = np.array([it.trait for it in items])
     key = np.array([it.key for it in items])
@@ -61,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {trait}: {r:+.2f}")
     kind = verdict(corr)
     explain = {
-        "keyed": "negatively keyed answers are stored reverse-scored: use dataset.coding=keyed "
-        "(the default; raw answer = 6 - v)",
-        "as_stored": "negatively keyed answers are stored raw: use dataset.coding=as_stored",
+        "keyed": "negatively keyed answers are stored reverse-scored: use protocol.coding=keyed "
+        "(raw answer = 6 - v; protocol=clean, the default, uses it)",
+        "as_stored": "negatively keyed answers are stored raw: use protocol.coding=as_stored "
+        "(protocol=paper uses it; with protocol=clean add protocol.coding=as_stored)",
         "mixed": "the traits disagree: the coding cannot be told from these data",
     }[kind]
     print(f"Verdict: {kind}: {explain}")

@@ -88,10 +88,6 @@ def table_metrics(table: pd.DataFrame) -> SubjectMetrics:
     return metrics_of(chosen["predicted"], chosen["target"], chosen["trait"], chosen["key"])
 
 
-def answers_path(run_dir: Path, method: str, case: int) -> Path:
-    return Path(run_dir) / "answers" / method / f"{case}.csv"
-
-
 def write_table(path: Path, table: pd.DataFrame) -> None:
     """Write ``table`` to ``path`` atomically (readers see no file or the whole file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

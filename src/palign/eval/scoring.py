@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from palign.constants import LETTER_SCORE, OPTION_LETTERS, UNPARSED
 from palign.data.papi import Item
+from palign.errors import ModelError
 from palign.eval.prompts import PromptRenderer, item_question
 from palign.methods.base import Answers
 from palign.models.batching import left_pad, position_ids
@@ -50,7 +51,7 @@ _REFERENCE = re.compile(r"[abcdeABCDE][^a-zA-Z]")
 _WORD = re.compile(r"(?<![a-zA-Z])[abcdeABCDE](?![a-zA-Z])")
 
 
-class ScoringError(RuntimeError):
+class ScoringError(ModelError):
     """The model/tokenizer cannot be scored as configured; the message names the config key."""
 
 

@@ -22,10 +22,6 @@ if TYPE_CHECKING:
     from palign.eval.scoring import Scorer
 
 
-class ConfigError(ValueError):
-    """An impossible or unknown config value; the message names the key."""
-
-
 @dataclass
 class Answers:
     """A method's answers to ``n`` items.

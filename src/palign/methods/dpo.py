@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
-from palign.methods.base import ConfigError
+from palign.errors import ConfigError
+from palign.methods.checks import check_bool, check_choice, check_int, check_number
 from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
 from palign.models.batching import last_token_logprobs, left_pad
 
@@ -156,20 +157,19 @@ class DPO(LoraMethod):
         **lora,
     ):
         super().__init__(**lora)
-        if rejected not in REJECTED:
-            raise ConfigError(f"method.rejected={rejected!r} is not one of {REJECTED}")
+        self.beta = check_number("beta", beta, above=0)
+        self.lr = check_number("lr", lr, above=0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.weight_decay = check_number("weight_decay", weight_decay, at_least=0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.micro_batch_size = check_int("micro_batch_size", micro_batch_size, 1)
         if batch_size % micro_batch_size:
             raise ConfigError(
                 f"method.batch_size={batch_size} is not a multiple of method.micro_batch_size={micro_batch_size}"
             )
-        self.beta, self.lr, self.warmup_steps, self.weight_decay = (
-            beta,
-            lr,
-            warmup_steps,
-            weight_decay,
-        )
-        self.batch_size, self.micro_batch_size, self.steps = batch_size, micro_batch_size, steps
-        self.rejected, self.keep_neutral = rejected, keep_neutral
+        self.steps = check_int("steps", steps, 1)
+        self.rejected = check_choice("rejected", rejected, REJECTED)
+        self.keep_neutral = check_bool("keep_neutral", keep_neutral)
 
     def _batches(self, subject: Subject, items: Sequence[Item]) -> PairBatches:
         pairs = preference_pairs(

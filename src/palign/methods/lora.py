@@ -20,6 +20,7 @@ from palign.constants import ANSWER_LABELS, OPTION_LETTERS
 from palign.data.papi import Item, Subject
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.methods.base import Answers, Artifact, Method, MethodContext
+from palign.methods.checks import check_int, check_names, check_number, check_seed, is_int
 from palign.models.placement import check_precision, make_trainer
 from palign.progress import StepBar
 
@@ -63,6 +64,7 @@ def adapter_applied(loaded, directory: str | Path):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from palign.errors import ArtifactError
     from palign.pas.heads import PASError
 
     directory = Path(directory)
@@ -70,13 +72,25 @@ def adapter_applied(loaded, directory: str | Path):
         raise PASError(
             f"adapter={directory}: no adapter.json (expected an artifacts/<method>/<case>/ folder of dpo or ppo)"
         )
-    info = json.loads((directory / "adapter.json").read_text())
-    if info["model"] != loaded.name:
+    try:
+        info = json.loads((directory / "adapter.json").read_text(encoding="utf-8"))
+        model, lora = str(info["model"]), dict(info["lora"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ArtifactError(
+            f"{directory / 'adapter.json'}: not a palign adapter description ({e})"
+        ) from None
+    if model != loaded.name:
         raise PASError(
-            f"adapter was trained on model {info['model']!r}, not {loaded.name!r} (pass model={info['model']})"
+            f"adapter was trained on model {model!r}, not {loaded.name!r} (pass model={model})"
         )
-    peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **info["lora"]))
-    set_peft_model_state_dict(peft_model, load_file(str(directory / "adapter.safetensors")))
+    try:
+        weights = load_file(str(directory / "adapter.safetensors"))
+    except Exception as e:  # safetensors' own error types: the file is named instead
+        raise ArtifactError(
+            f"{directory / 'adapter.safetensors'}: not a readable adapter ({type(e).__name__})"
+        ) from None
+    peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    set_peft_model_state_dict(peft_model, weights)
     peft_model.eval()
     try:
         yield
@@ -98,13 +112,15 @@ class LoraMethod(Method):
         seed: int = 0,
         precision: str = "32-true",
     ):
+        r = check_int("lora_r", lora_r, 1)
+        alpha = check_number("lora_alpha", lora_alpha, above=0)
         self.lora = dict(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=list(target_modules),
+            r=r,
+            lora_alpha=int(alpha) if is_int(lora_alpha) else alpha,  # as written in adapter.json
+            lora_dropout=check_number("lora_dropout", lora_dropout, at_least=0, below=1),
+            target_modules=check_names("target_modules", target_modules),
         )
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         #: Lightning precision of training (``hardware.precision``; the weights stay as loaded).
         self.precision = check_precision(precision)
 

@@ -35,6 +35,16 @@ from palign.data.papi import Item, Subject
 from palign.eval.metrics import best_candidate
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
+from palign.methods.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_numbers,
+    check_seed,
+    fail,
+    is_int,
+)
 from palign.pas.activations import SHAPES, contrastive_activations
 from palign.pas.heads import HeadShift, PASError, head_layout
 from palign.pas.probes import (
@@ -50,6 +60,25 @@ from palign.pas.profile import POOLED, PASProfile
 
 SELECTIONS = ("alignment_items", "test_items")
 DIRECTIONS = ("mass_mean", "probe")
+RANKINGS = ("val", "mean_train_val")
+#: Alignment items of a subject (PAPI's split): what the probes and the alpha folds divide.
+ALIGNMENT_ITEMS = 120
+
+
+def check_layers(layers: object) -> tuple[int, int] | None:
+    """``method.layers``: null (all layers) or ``[first, last)`` with ``0 <= first < last`` (the
+    model's layer count bounds ``last`` at set-up)."""
+    if layers is None:
+        return None
+    if (
+        isinstance(layers, str)
+        or not isinstance(layers, Sequence)
+        or len(layers) != 2
+        or not all(is_int(v) for v in layers)
+        or not 0 <= layers[0] < layers[1]
+    ):
+        raise fail("layers", layers, "null or [first, last) with 0 <= first < last", PASError)
+    return int(layers[0]), int(layers[1])
 
 
 @dataclass
@@ -101,32 +130,44 @@ class PAS(Method):
         subject_batch: int = 8,
         seed: int = 0,
     ):
-        if selection not in SELECTIONS:
-            raise PASError(f"method.selection={selection!r} is not one of {SELECTIONS}")
-        if direction not in DIRECTIONS:
-            raise PASError(f"method.direction={direction!r} is not one of {DIRECTIONS}")
-        if ranking not in ("val", "mean_train_val"):
-            raise PASError(f"method.ranking={ranking!r} is not 'val' or 'mean_train_val'")
-        if not alphas:
-            raise PASError("method.alphas is empty")
-        for key, value, allowed in (
-            ("split", split, SPLITS),
-            ("ties", ties, TIES),
-            ("contrastive", contrastive, SHAPES),
-        ):
-            if value not in allowed:
-                raise PASError(f"method.{key}={value!r} is not one of {allowed}")
-        self.split, self.ties, self.contrastive = split, ties, contrastive
-        if selection == "alignment_items" and folds < 2:
-            raise PASError(f"method.folds={folds}: k-fold alpha selection needs at least 2 folds")
-        self.top_k, self.alphas, self.folds = top_k, [float(a) for a in alphas], folds
-        self.selection, self.ranking, self.direction = selection, ranking, direction
-        self.per_trait, self.with_context = per_trait, with_context
-        self.layers = tuple(layers) if layers is not None else None
-        self.train_fraction, self.probe_c, self.seed = train_fraction, probe_c, seed
-        if subject_batch < 1:
+        e = PASError
+        self.selection = check_choice("selection", selection, SELECTIONS, e)
+        self.direction = check_choice("direction", direction, DIRECTIONS, e)
+        self.ranking = check_choice("ranking", ranking, RANKINGS, e)
+        self.split = check_choice("split", split, SPLITS, e)
+        self.ties = check_choice("ties", ties, TIES, e)
+        self.contrastive = check_choice("contrastive", contrastive, SHAPES, e)
+        # The upper bound (the candidate heads of the model's layers) is checked at set-up.
+        self.top_k = check_int("top_k", top_k, 1, error=e)
+        self.alphas = check_numbers("alphas", alphas, e)
+        self.folds = check_int("folds", folds, error=e)
+        if self.selection == "alignment_items" and not 2 <= folds <= ALIGNMENT_ITEMS:
+            raise fail(
+                "folds",
+                folds,
+                f"an integer in 2..{ALIGNMENT_ITEMS} (k-fold alpha selection splits the "
+                f"{ALIGNMENT_ITEMS} alignment items into folds)",
+                e,
+            )
+        self.per_trait = check_bool("per_trait", per_trait, e)
+        self.with_context = check_bool("with_context", with_context, e)
+        self.layers = check_layers(layers)
+        self.train_fraction = check_number(
+            "train_fraction", train_fraction, above=0, below=1, error=e
+        )
+        if not 1 <= round(train_fraction * ALIGNMENT_ITEMS) <= ALIGNMENT_ITEMS - 1:
+            raise fail(
+                "train_fraction",
+                train_fraction,
+                f"a number in (0, 1) that leaves at least one of the {ALIGNMENT_ITEMS} alignment "
+                "items on each side of the probe train/validation split",
+                e,
+            )
+        self.probe_c = check_number("probe_c", probe_c, above=0, error=e)
+        if is_int(subject_batch) and subject_batch < 1:  # the wording tests/test_pas.py expects
             raise PASError(f"method.subject_batch={subject_batch} must be >= 1")
-        self.subject_batch = subject_batch
+        self.subject_batch = check_int("subject_batch", subject_batch, 1, error=e)
+        self.seed = check_seed("seed", seed, e)
 
     @property
     def selects_on_alignment_items(self) -> bool:
@@ -139,6 +180,13 @@ class PAS(Method):
         scorer = context.scorer
         self.layout = head_layout(scorer.loaded.model)
         self.items = context.data.inventory.train_items
+        if self.selection == "alignment_items" and self.folds > len(self.items):
+            raise fail(
+                "folds",
+                self.folds,
+                f"an integer in 2..{len(self.items)} (the alignment items)",
+                PASError,
+            )
         start = time.perf_counter()
         acts = contrastive_activations(scorer, self.layout, self.items, shape=self.contrastive)
         self.activation_s = time.perf_counter() - start

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
 from palign.eval.scoring import eos_ids, parse_answer
+from palign.methods.checks import check_bool, check_int, check_number
 from palign.methods.lora import AdapterArtifact, LoraMethod
 from palign.models.batching import last_token_logprobs, left_pad
 
@@ -262,15 +263,17 @@ class PPO(LoraMethod):
         **lora,
     ):
         super().__init__(**lora)
-        self.lr, self.batch_size, self.steps, self.ppo_epochs = lr, batch_size, steps, ppo_epochs
-        self.kl_coef, self.clip, self.vf_coef, self.gamma, self.lam = (
-            kl_coef,
-            clip,
-            vf_coef,
-            gamma,
-            lam,
-        )
-        self.max_new_tokens, self.prefill = max_new_tokens, prefill
+        self.lr = check_number("lr", lr, above=0)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.steps = check_int("steps", steps, 1)
+        self.ppo_epochs = check_int("ppo_epochs", ppo_epochs, 1)
+        self.kl_coef = check_number("kl_coef", kl_coef, at_least=0)
+        self.clip = check_number("clip", clip, above=0)
+        self.vf_coef = check_number("vf_coef", vf_coef, at_least=0)
+        self.gamma = check_number("gamma", gamma, at_least=0, at_most=1)
+        self.lam = check_number("lam", lam, at_least=0, at_most=1)
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        self.prefill = check_bool("prefill", prefill)
 
     def setup(self, context) -> None:
         super().setup(context)

@@ -10,6 +10,7 @@ import numpy as np
 from palign.constants import TRAITS
 from palign.data.papi import Item, Subject, keyed
 from palign.methods.base import Answers, Artifact, Method, MethodContext
+from palign.methods.checks import check_int
 
 
 def round_half_up(x: np.ndarray) -> np.ndarray:
@@ -60,9 +61,7 @@ class Constant(Method):
     name = "constant"
 
     def __init__(self, value: int = 3):
-        if not 1 <= value <= 5:
-            raise ValueError(f"method.value={value} must be an answer in 1..5")
-        self.value = value
+        self.value = check_int("value", value, 1, 5)  # an answer on the 1..5 scale
 
     def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
         return Artifact(case=subject.case, meta={"value": self.value})

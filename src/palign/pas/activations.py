@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -136,14 +137,21 @@ def contrastive_activations(
         / f"{scorer.loaded.name}-{key.hexdigest()[:16]}.safetensors"
     )
     if path.is_file():
-        return load_file(str(path))["activations"]
+        try:
+            acts = load_file(str(path))["activations"]
+            if acts.shape == (len(items), 2, *layout.shape):
+                return acts
+            reason = f"shape {tuple(acts.shape)}"
+        except Exception as e:  # a torn or foreign file: safetensors' own error types
+            reason = type(e).__name__
+        log.warning("Activation cache %s is corrupt (%s): computing it again", path, reason)
     start = time.perf_counter()
     with scorer.applied(HeadRecorder(layout)) as recorder:
         outputs = scorer.run(prompts, decode=False)
     order = torch.cat([o["index"] for o in outputs]).argsort()
     acts = recorder.stacked()[order].reshape(len(items), 2, *layout.shape).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"activations": acts}, str(tmp))
     tmp.replace(path)
     log.info(

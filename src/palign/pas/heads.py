@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from palign.errors import ConfigError
+
 _ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
 
 
-class PASError(RuntimeError):
+class PASError(ConfigError):
     """PAS cannot proceed; the message says what is wrong and where."""
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from palign.constants import TRAITS
+from palign.errors import ArtifactError
 from palign.pas.heads import HeadLayout, PASError
 
 POOLED = -1  # trait index of a component that applies to every item
@@ -110,17 +111,29 @@ class PASProfile:
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise PASError(f"profile={path}: missing {', '.join(missing)}")
-        tensors = load_file(str(files[0]))
-        sidecar = json.loads(files[1].read_text())
-        meta = {
-            k: v
-            for k, v in sidecar.items()
-            if k not in ("model", "shape", "alpha", "heads", "traits")
-        }
-        return cls(
-            model=sidecar["model"],
-            shape=tuple(sidecar["shape"]),
-            alpha=sidecar["alpha"],
-            meta=meta,
-            **tensors,
-        )
+        try:
+            tensors = load_file(str(files[0]))
+        except Exception as e:  # safetensors' own error types: the file is named instead
+            raise ArtifactError(
+                f"{files[0]}: not a readable profile tensor file ({type(e).__name__})",
+                "re-run the PAS run that wrote it",
+            ) from None
+        try:
+            sidecar = json.loads(files[1].read_text(encoding="utf-8"))
+            meta = {
+                k: v
+                for k, v in sidecar.items()
+                if k not in ("model", "shape", "alpha", "heads", "traits")
+            }
+            return cls(
+                model=str(sidecar["model"]),
+                shape=tuple(int(n) for n in sidecar["shape"]),
+                alpha=sidecar["alpha"],
+                meta=meta,
+                **tensors,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise ArtifactError(
+                f"{files[1]}: not a palign profile ({type(e).__name__}: {e})",
+                "re-run the PAS run that wrote it",
+            ) from None

@@ -1,0 +1,149 @@
+"""The run dir's owner (palign.rundir): lock, stale-lock takeover, atomic writes, relative links,
+summary schema; the CSV log kept across a resume; the one-line CLI error and its traceback
+switch."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from palign.errors import RunDirError
+from palign.run import run
+from palign.rundir import SCHEMA_VERSION, RunDir, write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("model=tiny_llama", "hardware=cpu")
+
+
+def _lock_file(run_dir: RunDir, pid: int) -> None:
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    (run_dir.path / RunDir.LOCK).write_text(
+        json.dumps({"pid": pid, "host": socket.gethostname(), "since": 0})
+    )
+
+
+def test_a_live_holder_is_named_and_a_dead_one_is_taken_over(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_file(run_dir, holder.pid)
+        with pytest.raises(
+            RunDirError, match=f"in use by another palign run \\(pid {holder.pid} on"
+        ):
+            with run_dir.lock():
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (as after kill -9): its lock is taken over, and released on exit.
+    with run_dir.lock():
+        lock = json.loads((run_dir.path / RunDir.LOCK).read_text())
+        assert lock["pid"] == os.getpid()
+    assert not (run_dir.path / RunDir.LOCK).exists()
+
+
+def test_nested_lock_in_one_process_refuses(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    with run_dir.lock():
+        with pytest.raises(RunDirError, match=f"pid {os.getpid()}"):
+            with run_dir.lock():
+                pass
+
+
+def test_atomic_write_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "a" / "b.json"
+    write_atomic(path, "one")
+    write_atomic(path, "two")
+    assert path.read_text() == "two" and sorted(p.name for p in path.parent.iterdir()) == ["b.json"]
+
+
+def test_links_are_relative_and_survive_a_move(tmp_path):
+    target = tmp_path / "shards" / "0" / "artifacts" / "pas" / "7"
+    target.mkdir(parents=True)
+    (target / "profile.json").write_text("{}")
+    run_dir = RunDir(tmp_path / "merged")
+    link = run_dir.path / "artifacts" / "pas" / "7"
+    run_dir.link(target, link)
+    assert not os.path.isabs(os.readlink(link))
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    tmp_path.rename(moved)
+    assert (moved / "merged" / "artifacts" / "pas" / "7" / "profile.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "summary, message",
+    [
+        ({"schema": SCHEMA_VERSION + 1}, "schema 2 is not one this palign reads"),
+        ({"schema": "1"}, "schema '1' is not one"),
+        ({"cases": None, "drop": "mae"}, "not a palign summary (no mae)"),
+    ],
+)
+def test_summary_schema_is_checked(tmp_path, summary, message):
+    base = {
+        "schema": SCHEMA_VERSION,
+        "method": "m",
+        "model": "x",
+        "protocol": {},
+        "n_test_items": 180,
+        "cases": [1],
+        "n_subjects": 1,
+        "mae": {},
+        "score": 0.0,
+        "unk_rate": 0.0,
+        "compare": {},
+        "baselines": {},
+    }
+    base.update({k: v for k, v in summary.items() if k != "drop"})
+    base.pop(summary.get("drop", ""), None)
+    (tmp_path / "summary.json").write_text(json.dumps(base))
+    with pytest.raises(RunDirError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        RunDir(tmp_path).read_summary()
+
+
+def test_resume_appends_to_the_csv_log(cfg_factory):
+    cfg = cfg_factory(*TINY, "method=item_mean", "dataset.limit=2")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    metrics = out / "csv" / "metrics.csv"
+    first = metrics.read_text().splitlines()
+    again = cfg_factory(*TINY, "method=item_mean", "dataset.limit=2", f"resume={out}")
+    with open_dict(again):
+        again.paths.output_dir = str(out)
+    run(again)
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(float(r["step"])) for r in rows]
+    assert len(rows) > len(first) - 1 and steps == sorted(set(steps))  # kept, then appended
+    assert metrics.read_text().splitlines()[1 : len(first)] == first[1:]
+
+
+def test_cli_error_is_one_line_and_the_traceback_on_request(tmp_path):
+    def palign(env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "palign",
+                *TINY,
+                "dataset.limit=-1",
+                f"hydra.run.dir={tmp_path}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, **env},
+            timeout=300,
+        )
+
+    plain = palign({"PALIGN_TRACEBACK": "0"})
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines()[-1].startswith("palign: error: dataset.limit=-1")
+    verbose = palign({"PALIGN_TRACEBACK": "1"})
+    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
+    assert "palign.errors.ConfigError" in verbose.stderr
