@@ -737,9 +737,9 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
         "generate",
         lambda c: [
             *TINY,
-            f"adapter={_shard(c, lambda p: (p / 'artifacts' / 'dpo' / str(c.case) / 'adapter.safetensors').write_bytes(b'garbage')) / 'artifacts' / 'dpo' / str(c.case)}",
+            f"adapter={_shard(c, lambda p: (p / 'artifacts' / 'dpo' / str(c.case) / 'adapter_model.safetensors').write_bytes(b'garbage')) / 'artifacts' / 'dpo' / str(c.case)}",
         ],
-        ("adapter.safetensors", "not a readable adapter"),
+        ("adapter_model.safetensors", "not a readable adapter"),
         1,
     ),
     # --- palign.data.check ---

@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import TINY_LLAMA
 from palign.data.papi import Item
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import MethodContext
 from palign.methods.dpo import DPO, PairBatches, dpo_loss, preference_pairs, sequence_logps
+from palign.methods.lora import adapter_applied
 from palign.models import load_random
-from palign.run import run
+from palign.run import build, run
 
 ITEMS = [Item(i + 1, f"Item {i}.", "A", 1, "") for i in range(5)]
 
@@ -141,9 +142,22 @@ def test_dpo_end_to_end(cfg_factory):
         row["method"] == "dpo" and row["timing"]["train_s"] > 0 and row["align_info"]["steps"] == 3
     )
     assert (
-        out / "artifacts" / row["method"] / str(row["case"]) / "adapter.safetensors"
+        out / "artifacts" / row["method"] / str(row["case"]) / "adapter_model.safetensors"
     ).stat().st_size > 0
     assert summary["timing"]["train_s_per_subject"] > 0
+    # The adapter is in PEFT's format: PeftModel.from_pretrained loads it onto a fresh base model
+    # and answers as palign's own loader does; the trained adapter moved the model.
+    folder = out / "artifacts" / row["method"] / str(row["case"])
+    ids = torch.tensor([[1, 520, 2464, 314, 905, 30, 2]])
+    base = build(cfg.model)
+    with torch.no_grad():
+        plain = base.model(input_ids=ids).logits
+        with adapter_applied(base, folder):
+            palign_logits = base.model(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(build(cfg.model).model, str(folder)).eval()
+        peft_logits = peft(input_ids=ids).logits
+    torch.testing.assert_close(peft_logits, palign_logits, rtol=0, atol=1e-6)
+    assert (peft_logits - plain).abs().max() > 1e-4
 
 
 def test_every_step_accumulates_a_full_batch(papi, tiny):

@@ -236,7 +236,7 @@ def test_qlora_runs_train_adapters_on_4bit_layers(monkeypatch, cfg_factory, tiny
     assert set(spy.base_types.values()) == {bnb.nn.Linear4bit}
     # Trained: B starts at 0 and is non-zero after the steps, in every layer.
     artifacts = Path(cfg.paths.output_dir) / "artifacts" / summary["method"]
-    adapters = list(artifacts.glob("*/adapter.safetensors"))
+    adapters = list(artifacts.glob("*/adapter_model.safetensors"))
     assert len(adapters) == 1
     state = load_file(str(adapters[0]))
     b = {k: v for k, v in state.items() if "lora_B" in k}

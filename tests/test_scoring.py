@@ -132,3 +132,13 @@ def test_answer_prefix_that_splits_letters_is_rejected(make_scorer):
 def test_unknown_mode_is_rejected(make_scorer):
     with pytest.raises(ScoringError, match="scoring.mode='sample'"):
         make_scorer(mode="sample")
+
+
+def test_scoring_shows_a_bar_over_batches(papi, make_scorer, capsys):
+    scorer = make_scorer(batch_size=16)
+    items = papi.inventory.test_items[:40]
+    scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
+    err = capsys.readouterr().err
+    assert "logit 40 prompts" in err and "3/3" in err  # ceil(40 / 16) batches
+    scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:5])  # one batch: no bar
+    assert "prompts" not in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""Progress bars inside a subject (the runner's bar counts subjects)."""
+"""Progress bars inside a subject (the runner's bar counts subjects): optimiser steps, and
+batches of prompts scored or generated."""
 
 from __future__ import annotations
 
@@ -22,3 +23,27 @@ class StepBar(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.bar.close()
+
+
+class BatchBar(L.Callback):
+    """A tqdm bar over the batches of each predict run (scoring, generation, activations) with
+    an ETA; shown only for runs of at least ``min_batches`` batches, closed when the run ends.
+    ``desc`` is set by the caller before each run."""
+
+    def __init__(self, desc: str = "scoring", min_batches: int = 2):
+        self.desc, self.min_batches = desc, min_batches
+        self.bar: tqdm | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(trainer.num_predict_batches)
+        if total >= self.min_batches:
+            self.bar = tqdm(total=total, desc=self.desc, unit="batch", leave=False)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -23,6 +23,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from palign import CONF_DIR, __version__
 from palign.constants import TRAITS
@@ -371,7 +372,7 @@ def run(cfg: DictConfig) -> dict:
     (``compare`` entries included). Only then is ``config.yaml`` written and the model loaded."""
     run_dir = RunDir(cfg.paths.output_dir)
     run_dir.check_writable()
-    with run_dir.lock():
+    with run_dir.lock(), logging_redirect_tqdm():  # log lines above the bars, not through them
         return _run(cfg, run_dir)
 
 

@@ -40,6 +40,7 @@ from palign.methods.base import Answers
 from palign.models.batching import left_pad, position_ids
 from palign.models.loading import LoadedModel
 from palign.models.placement import make_trainer
+from palign.progress import BatchBar
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,8 @@ class Scorer:
         if self.config.parse not in PARSE_RULES:
             raise ScoringError(f"scoring.parse={self.config.parse!r} is not one of {PARSE_RULES}")
         self.batch_size = self.config.batch_size
-        self.trainer = make_trainer(loaded.device, precision)
+        self.bar = BatchBar()
+        self.trainer = make_trainer(loaded.device, precision, callbacks=[self.bar])
         self.renderer = PromptRenderer(loaded.tokenizer, self.config.use_chat_template)
         tok = loaded.tokenizer
         generate = self.config.mode == "generate"
@@ -397,13 +399,18 @@ class Scorer:
         variants: Sequence[int] | None = None,
         n_variants: int = 1,
         decode: bool = True,
+        desc: str | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """Run token-id prompts through the predict loop; prompt ``i`` continues prefix variant
         ``variants[i]`` of ``n_variants``. Returns the predict-step outputs, batch by batch
-        (``decode=False``: one forward per batch, no generated tokens, in either mode).
+        (``decode=False``: one forward per batch, no generated tokens, in either mode). ``desc``
+        labels the progress bar (default: the mode and the number of prompts).
 
         Out of device memory, the batch size is halved (one log line) and the run starts over,
         down to batches of one row."""
+        self.bar.desc = (
+            desc or f"{self.config.mode if decode else 'forward'} {len(prompts)} prompts"
+        )
         shared = common_prefix_length(prompts)
         self._module.set_prefix(prompts[0][:shared], n_variants)
         suffixes = [p[shared:] for p in prompts]

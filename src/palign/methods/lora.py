@@ -30,25 +30,36 @@ def answer_completion(answer: int, answer_prefix: str) -> str:
     return f"{answer_prefix}{OPTION_LETTERS[5 - answer]}). {ANSWER_LABELS[answer]}"
 
 
+#: PEFT's file names: ``PeftModel.from_pretrained(base_model, folder)`` loads the adapter.
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
 @dataclass
 class AdapterArtifact(Artifact):
-    """One subject's trained LoRA weights, saved as ``adapter.safetensors`` beside
-    ``adapter.json`` (model and LoRA settings, to apply it again) and ``train_history.json``
-    (per-step loss, rewards, KL, margins)."""
+    """One subject's trained LoRA weights in PEFT's format (``adapter_config.json`` and
+    ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base, folder)`` loads them),
+    beside ``adapter.json`` (palign's model name and LoRA settings, checked before applying it)
+    and ``train_history.json`` (per-step loss, rewards, KL, margins)."""
 
     state: dict[str, torch.Tensor] | None = None
     model: str = ""
     lora: dict | None = None
+    #: The base model's hub id or folder, recorded as PEFT's ``base_model_name_or_path``.
+    base: str | None = None
 
     def save(self, directory: Path) -> None:
         import json
 
+        from peft import LoraConfig
         from safetensors.torch import save_file
 
         super().save(directory)
+        config = LoraConfig(task_type="CAUSAL_LM", base_model_name_or_path=self.base, **self.lora)
+        config.save_pretrained(str(directory))
         save_file(
             {k: v.contiguous() for k, v in self.state.items()},
-            str(directory / "adapter.safetensors"),
+            str(directory / PEFT_WEIGHTS),
+            metadata={"format": "pt"},
         )
         (directory / "adapter.json").write_text(
             json.dumps({"model": self.model, "lora": self.lora}, indent=2)
@@ -84,10 +95,10 @@ def adapter_applied(loaded, directory: str | Path):
             f"adapter was trained on model {model!r}, not {loaded.name!r} (pass model={model})"
         )
     try:
-        weights = load_file(str(directory / "adapter.safetensors"))
+        weights = load_file(str(directory / PEFT_WEIGHTS))
     except Exception as e:  # safetensors' own error types: the file is named instead
         raise ArtifactError(
-            f"{directory / 'adapter.safetensors'}: not a readable adapter ({type(e).__name__})"
+            f"{directory / PEFT_WEIGHTS}: not a readable adapter ({type(e).__name__})"
         ) from None
     peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **lora))
     set_peft_model_state_dict(peft_model, weights)
@@ -169,6 +180,7 @@ class LoraMethod(Method):
             state=state,
             model=self.context.scorer.loaded.name,
             lora=self.lora,
+            base=getattr(self.context.scorer.loaded.model.config, "_name_or_path", None) or None,
             history=history,
             meta=meta,
         )

@@ -147,7 +147,9 @@ def contrastive_activations(
         log.warning("Activation cache %s is corrupt (%s): computing it again", path, reason)
     start = time.perf_counter()
     with scorer.applied(HeadRecorder(layout)) as recorder:
-        outputs = scorer.run(prompts, decode=False)
+        outputs = scorer.run(
+            prompts, decode=False, desc=f"head activations, {len(prompts)} prompts"
+        )
     order = torch.cat([o["index"] for o in outputs]).argsort()
     acts = recorder.stacked()[order].reshape(len(items), 2, *layout.shape).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
