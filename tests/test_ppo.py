@@ -109,7 +109,9 @@ def test_ppo_end_to_end(cfg_factory):
     assert (
         row["method"] == "ppo" and row["align_info"]["steps"] == 2 and row["timing"]["train_s"] > 0
     )
-    assert (out / "artifacts" / row["method"] / str(row["case"]) / "adapter_model.safetensors").is_file()
+    assert (
+        out / "artifacts" / row["method"] / str(row["case"]) / "adapter_model.safetensors"
+    ).is_file()
     assert summary["n_subjects"] == 1
     # Adapter methods side by side: each removes its LoRA layers when done (dpo_cpu from its
     # own config file plus the dpo defaults it extends).
