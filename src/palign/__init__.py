@@ -7,8 +7,9 @@ from omegaconf import OmegaConf
 
 __version__ = "0.1.0"
 
-#: The config folder (`conf/`): Hydra's primary config dir for every entry point.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+#: The config folder, shipped inside the package (``conf/`` at the repository root links to it):
+#: Hydra's primary config dir for every entry point.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # `${palign.first:a,b}`: the first of its arguments that is not null or empty (e.g. the run dir
 # is `resume` when given, else a fresh timestamped dir).

@@ -1,0 +1,78 @@
+"""palign's errors: one base class for everything reported to a user as one line.
+
+Every error that describes bad input or an impossible config derives from :class:`PalignError`
+and names its culprit (file, record, field or config key, the value, what is allowed). Entry
+points run under :func:`cli`: a ``PalignError`` is printed as ``<prog>: error: <message>`` and,
+when it has one, ``<prog>: hint: <hint>``, exit status 1; its traceback only when
+``PALIGN_TRACEBACK=1`` is set. Any other exception is a bug and shows its traceback as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: Set to 1 to print the traceback of a reported error too.
+TRACEBACK_ENV = "PALIGN_TRACEBACK"
+
+
+class PalignError(Exception):
+    """Bad input or an impossible config, reported as one line. ``hint``: what to do about it
+    (optional)."""
+
+    hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+
+class ConfigError(PalignError, ValueError):
+    """An impossible or unknown config value or command-line flag; the message names the key."""
+
+
+class DataError(PalignError, ValueError):
+    """A data file is missing or malformed; the message names the file and the record."""
+
+
+class ModelError(PalignError, RuntimeError):
+    """A model cannot be loaded, placed or scored as configured."""
+
+
+class ArtifactError(PalignError, ValueError):
+    """A saved artifact (profile, adapter, activation cache) is corrupt or does not fit."""
+
+
+class RunDirError(PalignError, RuntimeError):
+    """A run dir cannot be used as asked (held by another run, not a palign run, would be
+    overwritten, disagrees with its summary)."""
+
+
+def wants_traceback() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
+
+
+def report(prog: str, error: PalignError) -> str:
+    """The lines :func:`cli` prints for ``error``."""
+    text = f"{prog}: error: {error}"
+    return text + (f"\n{prog}: hint: {error.hint}" if error.hint else "")
+
+
+@contextmanager
+def cli(prog: str, log: logging.Logger | None = None) -> Iterator[None]:
+    """Run an entry point's body: a :class:`PalignError` ends the process with status 1 and
+    :func:`report`'s lines on stderr (and in ``log``, e.g. the run's log file)."""
+    try:
+        yield
+    except PalignError as e:
+        if log is not None:
+            log.error("%s", e)
+        if wants_traceback():
+            traceback.print_exc()
+        print(report(prog, e), file=sys.stderr)
+        sys.exit(1)

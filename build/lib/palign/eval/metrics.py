@@ -1,0 +1,104 @@
+"""Per-subject metrics: per-trait mean absolute error on the 1..5 scale, Score, UNK rate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from palign.constants import OPTION_LETTERS, TRAITS, UNPARSED
+from palign.data.papi import Item, keyed
+
+
+@dataclass
+class SubjectMetrics:
+    """Metrics of one subject's answers to the test items.
+
+    ``mae[t]``: mean |predicted - target| over items of trait ``t`` with a known target (not 0) and
+    a parsed prediction; NaN when there is none. ``score``: sum of the five (NaN if any is NaN).
+    ``unk_rate``: fraction of items whose answer could not be parsed. ``answers``: histogram of
+    the predicted option letters plus ``UNK``. ``n_scored[t]``: items that entered ``mae[t]``.
+    ``model_means``/``subject_means``: keyed trait means (1..5) of the predictions and of the
+    subject's answers over the same items.
+    """
+
+    mae: dict[str, float]
+    score: float
+    unk_rate: float
+    answers: dict[str, int]
+    n_scored: dict[str, int]
+    model_means: dict[str, float]
+    subject_means: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else float("nan")
+
+
+def subject_metrics(
+    predicted: np.ndarray, target: np.ndarray, items: Sequence[Item]
+) -> SubjectMetrics:
+    """``predicted``, ``target``: raw answers (n_items,), 0 = unparsed / missing."""
+    return metrics_of(predicted, target, [it.trait for it in items], [it.key for it in items])
+
+
+def metrics_of(
+    predicted: np.ndarray, target: np.ndarray, traits: Sequence[str], keys: Sequence[int]
+) -> SubjectMetrics:
+    """:func:`subject_metrics` from each item's trait letter and key (+1/-1) instead of items
+    (e.g. the columns of an answers file)."""
+    predicted = np.asarray(predicted, dtype=np.int64)
+    target = np.asarray(target, dtype=np.int64)
+    traits, key = np.asarray(traits), np.asarray(keys, dtype=np.int64)
+    if not predicted.shape == target.shape == traits.shape == key.shape or predicted.ndim != 1:
+        raise ValueError(
+            f"shapes differ: predicted {predicted.shape}, target {target.shape}, traits "
+            f"{traits.shape}, keys {key.shape}"
+        )
+    parsed = predicted != UNPARSED
+    known = target != 0
+    err = np.abs(predicted - target)
+    kp, kt = keyed(predicted, key), keyed(target, key)
+    mae, n_scored, model_means, subject_means = {}, {}, {}, {}
+    for t in TRAITS:
+        sel = (traits == t) & parsed & known
+        mae[t] = _mean(err[sel])
+        n_scored[t] = int(sel.sum())
+        model_means[t] = _mean(kp[(traits == t) & parsed])
+        subject_means[t] = _mean(kt[(traits == t) & known])
+    hist = {letter: int((predicted == 5 - i).sum()) for i, letter in enumerate(OPTION_LETTERS)}
+    hist["UNK"] = int((~parsed).sum())
+    return SubjectMetrics(
+        mae=mae,
+        score=float(sum(mae.values())),
+        unk_rate=float((~parsed).mean()) if len(predicted) else 0.0,
+        answers=hist,
+        n_scored=n_scored,
+        model_means=model_means,
+        subject_means=subject_means,
+    )
+
+
+def mean_mae(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean over subjects of per-trait MAE dicts, ignoring subjects where a trait is NaN."""
+    out = {}
+    for t in TRAITS:
+        values = np.array([r[t] for r in rows], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        out[t] = float(finite.mean()) if finite.size else float("nan")
+    return out
+
+
+def best_candidate(
+    predictions: Sequence[np.ndarray], target: np.ndarray, items: Sequence[Item]
+) -> tuple[int, list[float]]:
+    """The index of the candidate answers (each (n_items,) raw) with the lowest Score against
+    ``target``, and every candidate's Score. A NaN Score (a trait without a parsed answer)
+    ranks last; ties go to the first candidate (as the reference code's ``argmin``)."""
+    scores = [subject_metrics(p, target, items).score for p in predictions]
+    finite = [s if np.isfinite(s) else np.inf for s in scores]
+    return int(np.argmin(finite)), scores

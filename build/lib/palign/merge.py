@@ -1,0 +1,131 @@
+"""Merge the run dirs of a sharded evaluation (``dataset.shard=i/N`` array jobs) into one run
+dir with the summary and report of the whole selection:
+
+    python -m palign.merge --out outputs/<name>/merged outputs/<name>/shards/*
+
+The shards must share their config except ``dataset.shard`` (and where/how they logged); every
+subject of the unsharded selection must be finished in some shard (re-run a failed shard with
+``resume=<its dir>``). The merged summary equals that of one unsharded run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from palign.data.papi import load_papi
+from palign.errors import ConfigError, RunDirError, cli
+from palign.report import aggregate
+from palign.run import baseline_rows, build, method_config, select, summarize, write_outputs
+from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
+
+log = logging.getLogger("palign")
+
+
+def _load_config(run_dir: Path) -> DictConfig:
+    path = RunDir(run_dir).config
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: not a palign run dir (no config.yaml)")
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # YAML syntax or encoding: the file is named, not a traceback
+        raise RunDirError(f"{path}: not a readable config ({type(e).__name__})") from None
+
+
+def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
+    """Merge ``shard_dirs`` into ``out_dir`` (results, answers, summary.json, report.md, and
+    relative links to the shards' artifact folders); returns the summary. ``out_dir`` is a new
+    folder, or an earlier merge of the same shard dirs (all of its content comes from them:
+    merging again after more shards finished loses nothing). Only palign's own ``_target_``
+    classes are built from the shards' configs."""
+    if not shard_dirs:
+        raise ConfigError("merge: no shard run dirs given")
+    out = RunDir(out_dir)
+    shards = [RunDir(d) for d in shard_dirs]
+    if out.path.exists() and (not out.path.is_dir() or any(out.path.iterdir())):
+        earlier = out.read_summary() if out.summary.is_file() else {}
+        if earlier.get("merged_from") != [str(d) for d in shard_dirs]:
+            raise RunDirError(
+                f"merge --out {out_dir}: already exists and is not an earlier merge of these "
+                "shards; merge never overwrites anything else",
+                "choose a new folder for the merged run",
+            )
+        log.info("%s: an earlier merge of the same shards, merged again", out_dir)
+    out.check_writable()
+    configs = [_load_config(d) for d in shard_dirs]
+    ignore = (*RESUME_FREE_KEYS, "dataset.shard")
+    for d, c in zip(shard_dirs[1:], configs[1:]):
+        diff = config_differences(configs[0], c, ignore)
+        if diff:
+            raise ConfigError(
+                f"merge: {d} was run with another config than {shard_dirs[0]} "
+                f"(differs at {', '.join(diff[:8])})"
+            )
+    cfg = configs[0]
+    with open_dict(cfg):
+        cfg.dataset.shard = None
+    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
+    subjects = select(cfg, data)
+    method = build(cfg.method)
+    names = [method.name] + [build(method_config(cfg, n)).name for n in cfg.get("compare") or []]
+    rows = {}
+    for name in names:
+        found, shard_of = {}, {}
+        for shard in shards:
+            rows_here = shard.finished_rows(name)
+            found.update(rows_here)
+            shard_of.update(dict.fromkeys(rows_here, shard))
+        missing = [s.case for s in subjects if s.case not in found]
+        if missing:
+            raise ConfigError(
+                f"merge: {len(missing)} subject(s) of {name} are in no shard's results: "
+                f"{missing[:10]}{' ...' if len(missing) > 10 else ''} (re-run their shard "
+                "with resume=<its run dir>)"
+            )
+        rows[name] = [found[s.case] for s in subjects]
+        for row in rows[name]:
+            answers = shard_of[row["case"]].answers_file(name, row["case"])
+            if not answers.is_file():
+                raise RunDirError(f"merge: {answers} is missing (the subject's answers)")
+            write_atomic(out.answers_file(name, row["case"]), answers.read_text())
+            write_atomic(out.results(name) / f"{row['case']}.json", json.dumps(row))
+    models = {shard.read_summary()["model"] for shard in shards if shard.summary.is_file()}
+    model_name = models.pop() if len(models) == 1 else cfg.model.name
+    compare = {name: aggregate(rows[name]) for name in names[1:]}
+    summary = summarize(
+        cfg,
+        method,
+        model_name,
+        data,
+        subjects,
+        rows[method.name],
+        compare,
+        baseline_rows(data, subjects, out),
+    )
+    summary["merged_from"] = [str(d) for d in shard_dirs]
+    write_atomic(out.config, OmegaConf.to_yaml(cfg))
+    for shard in shards:  # artifacts stay in the shards (adapters are large): linked
+        for folder in sorted(shard.path.glob("artifacts/*/*")):
+            out.link(folder, out.path / folder.relative_to(shard.path))
+    print(write_outputs(out, summary, rows))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m palign.merge", description="Merge sharded palign run dirs into one."
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the merged run dir (created)")
+    parser.add_argument("shards", type=Path, nargs="+", help="the shards' run dirs")
+    args = parser.parse_args(argv)
+    with cli("palign.merge"):
+        merge(args.shards, args.out)
+    print(f"Merged {len(args.shards)} shard(s) into {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Methods that train a LoRA adapter per subject (DPO, PPO): shared adapter handling.
+
+The model is wrapped once with a LoRA adapter (peft); every subject starts from a freshly
+initialised adapter (B = 0, so the model equals the base model), trains it, and is evaluated
+with it active through the run's scorer. The reference policy is the same weights with the
+adapter disabled: one copy of the model in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from palign.constants import ANSWER_LABELS, OPTION_LETTERS
+from palign.data.papi import Item, Subject
+from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
+from palign.methods.base import Answers, Artifact, Method, MethodContext
+from palign.methods.checks import check_int, check_names, check_number, check_seed, is_int
+from palign.models.placement import check_precision, make_trainer
+from palign.progress import StepBar
+
+
+def answer_completion(answer: int, answer_prefix: str) -> str:
+    """The assistant's answer text for a raw answer 1..5, e.g. 'Option (B). Moderately Accurate'."""
+    return f"{answer_prefix}{OPTION_LETTERS[5 - answer]}). {ANSWER_LABELS[answer]}"
+
+
+#: PEFT's file names: ``PeftModel.from_pretrained(base_model, folder)`` loads the adapter.
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass
+class AdapterArtifact(Artifact):
+    """One subject's trained LoRA weights in PEFT's format (``adapter_config.json`` and
+    ``adapter_model.safetensors``: ``PeftModel.from_pretrained(base, folder)`` loads them),
+    beside ``adapter.json`` (palign's model name and LoRA settings, checked before applying it)
+    and ``train_history.json`` (per-step loss, rewards, KL, margins)."""
+
+    state: dict[str, torch.Tensor] | None = None
+    model: str = ""
+    lora: dict | None = None
+    #: The base model's hub id or folder, recorded as PEFT's ``base_model_name_or_path``.
+    base: str | None = None
+
+    def save(self, directory: Path) -> None:
+        import json
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        super().save(directory)
+        config = LoraConfig(task_type="CAUSAL_LM", base_model_name_or_path=self.base, **self.lora)
+        config.save_pretrained(str(directory))
+        save_file(
+            {k: v.contiguous() for k, v in self.state.items()},
+            str(directory / PEFT_WEIGHTS),
+            metadata={"format": "pt"},
+        )
+        (directory / "adapter.json").write_text(
+            json.dumps({"model": self.model, "lora": self.lora}, indent=2)
+        )
+        (directory / "train_history.json").write_text(json.dumps(self.history or [], indent=1))
+
+
+@contextmanager
+def adapter_applied(loaded, directory: str | Path):
+    """``loaded.model`` with the saved adapter of ``directory`` active for the block."""
+    import json
+
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from palign.errors import ArtifactError
+    from palign.pas.heads import PASError
+
+    directory = Path(directory)
+    if not (directory / "adapter.json").is_file():
+        raise PASError(
+            f"adapter={directory}: no adapter.json (expected an artifacts/<method>/<case>/ folder of dpo or ppo)"
+        )
+    try:
+        info = json.loads((directory / "adapter.json").read_text(encoding="utf-8"))
+        model, lora = str(info["model"]), dict(info["lora"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ArtifactError(
+            f"{directory / 'adapter.json'}: not a palign adapter description ({e})"
+        ) from None
+    if model != loaded.name:
+        raise PASError(
+            f"adapter was trained on model {model!r}, not {loaded.name!r} (pass model={model})"
+        )
+    try:
+        weights = load_file(str(directory / PEFT_WEIGHTS))
+    except Exception as e:  # safetensors' own error types: the file is named instead
+        raise ArtifactError(
+            f"{directory / PEFT_WEIGHTS}: not a readable adapter ({type(e).__name__})"
+        ) from None
+    peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    set_peft_model_state_dict(peft_model, weights)
+    peft_model.eval()
+    try:
+        yield
+    finally:
+        peft_model.unload()
+
+
+class LoraMethod(Method):
+    """Base of adapter-training methods: wraps the model once, resets the adapter per subject."""
+
+    uses_llm = True
+
+    def __init__(
+        self,
+        lora_r: int = 16,
+        lora_alpha: int = 100,
+        lora_dropout: float = 0.05,
+        target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        seed: int = 0,
+        precision: str = "32-true",
+    ):
+        r = check_int("lora_r", lora_r, 1)
+        alpha = check_number("lora_alpha", lora_alpha, above=0)
+        self.lora = dict(
+            r=r,
+            lora_alpha=int(alpha) if is_int(lora_alpha) else alpha,  # as written in adapter.json
+            lora_dropout=check_number("lora_dropout", lora_dropout, at_least=0, below=1),
+            target_modules=check_names("target_modules", target_modules),
+        )
+        self.seed = check_seed("seed", seed)
+        #: Lightning precision of training (``hardware.precision``; the weights stay as loaded).
+        self.precision = check_precision(precision)
+
+    def setup(self, context: MethodContext) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        super().setup(context)
+        loaded = context.scorer.loaded
+        self.device = loaded.device
+        self.tokenizer = loaded.tokenizer
+        self.renderer = context.scorer.renderer
+        self.answer_prefix = context.scorer.config.answer_prefix
+        self.peft_model = get_peft_model(
+            loaded.model, LoraConfig(task_type="CAUSAL_LM", **self.lora)
+        )
+        self.peft_model.eval()
+
+    def teardown(self) -> None:
+        """Remove the LoRA layers: the shared model is the plain base model again."""
+        self.peft_model.unload()
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+
+    def reset_adapter(self, case: int) -> None:
+        """Fresh LoRA weights for a subject (seeded by run seed and case; B = 0)."""
+        from peft.tuners.lora import LoraLayer
+
+        torch.manual_seed((self.seed * 1_000_003 + case) % (2**31))
+        for module in self.peft_model.modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters("default", init_lora_weights=True)
+        for p in self.lora_parameters():
+            p.requires_grad_(True)
+
+    def artifact(self, subject: Subject, history: list[dict], meta: dict) -> AdapterArtifact:
+        """The subject's adapter weights and training record."""
+        from peft import get_peft_model_state_dict
+
+        state = {
+            k: v.detach().cpu().clone()
+            for k, v in get_peft_model_state_dict(self.peft_model).items()
+        }
+        return AdapterArtifact(
+            case=subject.case,
+            state=state,
+            model=self.context.scorer.loaded.name,
+            lora=self.lora,
+            base=getattr(self.context.scorer.loaded.model.config, "_name_or_path", None) or None,
+            history=history,
+            meta=meta,
+        )
+
+    @contextmanager
+    def reference(self):
+        """The reference policy: the base model (adapter disabled)."""
+        with self.peft_model.disable_adapter():
+            yield
+
+    def trainer(self, steps: int, label: str, **settings) -> L.Trainer:
+        """A Trainer for ``steps`` optimiser steps on the placed model, with a step bar."""
+        return make_trainer(
+            self.device,
+            self.precision,
+            max_steps=steps,
+            callbacks=[StepBar(steps, label)],
+            **settings,
+        )
+
+    @contextmanager
+    def adapter(self, artifact: AdapterArtifact):
+        """The subject's trained adapter active for the block (``scorer.applied(...)``); on exit
+        the adapter is reset to B = 0, so the shared model is the base model again."""
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft_model, artifact.state)
+        self.peft_model.eval()
+        try:
+            yield
+        finally:
+            self.reset_adapter(artifact.case)
+
+    def prompt_ids(self, item: Item) -> list[int]:
+        """The item prompt with the assistant turn opened (no prefill)."""
+        return self.renderer.encode(
+            self.renderer.render(NEUTRAL_SYSTEM_PROMPT, self.context.scorer.question(item))
+        )
+
+    def answer(self, subject: Subject, artifact: AdapterArtifact, items: Sequence[Item]) -> Answers:
+        scorer = self.context.scorer
+        with scorer.applied(self.adapter(artifact)):
+            return scorer.score(NEUTRAL_SYSTEM_PROMPT, items)

@@ -1,0 +1,134 @@
+"""Turning per-subject results into ``summary.json`` and the markdown report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from palign.constants import TRAITS
+from palign.eval.metrics import mean_mae
+
+
+def aggregate(rows: Sequence[dict]) -> dict:
+    """Mean per-trait MAE, Score (sum of those means), UNK rate and timings over subject rows."""
+    mae = mean_mae([r["mae"] for r in rows])
+    out = {
+        "n_subjects": len(rows),
+        "mae": mae,
+        "score": float(sum(mae.values())),
+        "unk_rate": float(np.mean([r["unk_rate"] for r in rows])) if rows else float("nan"),
+    }
+    if rows and "timing" in rows[0]:
+        out["timing"] = {
+            f"{key}_per_subject": float(np.mean([r["timing"][key] for r in rows]))
+            for key in rows[0]["timing"]
+        }
+    if rows and all("cost" in r for r in rows):
+        per_subject = {
+            phase: {
+                key: float(np.mean([r["cost"][phase][key] for r in rows]))
+                for key in rows[0]["cost"][phase]
+            }
+            for phase in rows[0]["cost"]
+        }
+        per_subject["total"] = {
+            key: sum(phase[key] for phase in per_subject.values())
+            for key in next(iter(per_subject.values()))
+        }
+        out["cost"] = {"per_subject": per_subject}
+    return out
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """``x`` with ``digits`` decimals; ``n/a`` for None or a non-finite number."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _row(name: str, entry: dict) -> str:
+    timing = entry.get("timing", {})
+    cells = [
+        name,
+        str(entry["n_subjects"]),
+        *(fmt(entry["mae"][t]) for t in TRAITS),
+        f"**{fmt(entry['score'])}**",
+        f"{100 * entry.get('unk_rate', 0.0):.1f}%",
+        fmt(timing.get("align_s_per_subject", float("nan")), 2),
+        fmt(timing.get("eval_s_per_subject", float("nan")), 2),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _count(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
+
+
+def cost_table(summary: dict) -> str:
+    """Counted model work of each method that used the model: per subject (aligning, answering)
+    and once per run (set-up, e.g. PAS's shared activations); empty without a model."""
+    entries = {summary["method"]: summary, **summary.get("compare", {})}
+    lines = []
+    for name, entry in entries.items():
+        cost = entry.get("cost")
+        if not cost:
+            continue
+        per = cost.get("per_subject", {})
+        setup = cost.get("setup") or {}
+        cells = [name]
+        for phase in ("align", "answer", "total"):
+            c = per.get(phase, {})
+            cells += [_count(c.get("forward_calls", 0)), _count(c.get("tokens_forwarded", 0))]
+        cells += [
+            _count(per.get("total", {}).get("generated_tokens", 0)),
+            f"{_count(setup.get('forward_calls', 0))} / {_count(setup.get('tokens_forwarded', 0))}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    cols = [
+        "method",
+        "align forwards",
+        "align tokens",
+        "answer forwards",
+        "answer tokens",
+        "forwards",
+        "tokens",
+        "generated",
+        "set-up forwards / tokens",
+    ]
+    return (
+        "\nModel work per subject, counted (forward calls; tokens forwarded, padding included, "
+        "KV-cached prefixes not again; tokens generated), and once per run for set-up:\n\n"
+        + "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *lines])
+        + "\n"
+    )
+
+
+def report_markdown(summary: dict) -> str:
+    """The run's table: the method beside the statistical baselines on the same subjects."""
+    protocol = summary["protocol"]
+    head = (
+        f"# palign report: {summary['method']} on {summary['model']}\n\n"
+        f"Protocol **{protocol['name']}** (coding `{protocol['coding']}`, scoring "
+        f"`{protocol['scoring']}`). Per-trait mean absolute error on the 1..5 scale over the "
+        f"{summary['n_test_items']} test items, mean over subjects; Score = sum of the five "
+        "(lower is better). UNK = answers that could not be parsed (left out of the MAE).\n\n"
+    )
+    cols = ["method", "subjects", *TRAITS, "Score", "UNK", "align s/subj", "eval s/subj"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines.append(_row(summary["method"], summary))
+    for name, entry in summary.get("compare", {}).items():
+        lines.append(_row(name, entry))
+    for name, entry in summary["baselines"].items():
+        if name != summary["method"]:
+            lines.append(_row(f"{name} (no LLM)", entry))
+    text = head + "\n".join(lines) + "\n"
+    text += cost_table(summary)
+    if summary.get("notes"):
+        text += "\n" + "\n".join(f"- {note}" for note in summary["notes"]) + "\n"
+    population = summary.get("baselines_all_subjects")
+    if population and next(iter(population.values()))["n_subjects"] != summary["n_subjects"]:
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += [_row(f"{name} (no LLM)", entry) for name, entry in population.items()]
+        text += "\nStatistical baselines on all loaded subjects:\n\n" + "\n".join(lines) + "\n"
+    return text

@@ -1,0 +1,455 @@
+"""The evaluation runner: align and evaluate one method on the selected subjects, write outputs.
+
+Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``answers/<method>/<case>.csv``
+(every answer, item by item: :mod:`palign.eval.answers`), ``results/<method>/<case>.json``
+(one row per subject, written atomically as it finishes; what ``resume`` reads),
+``results.jsonl`` and ``compare/<method>.jsonl`` (the rows in subject order), ``summary.json``,
+``report.md`` and, if enabled, one artifact folder per subject under
+``artifacts/<method>/<case>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import pandas as pd
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from palign import CONF_DIR, __version__
+from palign.constants import TRAITS
+from palign.data.papi import Inventory, PapiData, Subject, load_papi, select_subjects
+from palign.errors import ConfigError, PalignError
+from palign.eval.answers import answer_table, table_metrics, write_table
+from palign.eval.metrics import best_candidate
+from palign.eval.scoring import Scorer, ScoringConfig
+from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
+from palign.methods.statistical import BASELINES
+from palign.models.cost import CostMeter
+from palign.models.placement import check_device, check_precision
+from palign.report import aggregate, report_markdown
+from palign.reproduce import load_run, plot_run
+from palign.rundir import SCHEMA_VERSION, RunDir, check_resume, write_atomic
+from palign.tracking import RunTracker
+
+log = logging.getLogger("palign")
+
+
+def evaluate_group(
+    method: Method,
+    subjects: Sequence[Subject],
+    inventory: Inventory,
+    meter: CostMeter | None = None,
+) -> list[tuple[dict, Artifact, pd.DataFrame]]:
+    """Align ``method`` on the subjects' alignment items, answer the test items, score them:
+    one result row, artifact and answers table (:mod:`palign.eval.answers`) per subject. The
+    method sees only the alignment answers; where it leaves a hyper-parameter to the evaluation
+    (:class:`Candidates`, protocol=paper), it is chosen here on the test items and the row says
+    so (``selected_on_test_items``). The subjects go through the method together (a method
+    that batches subjects does so); each row gets an equal share of the group's time and of the
+    forwards ``meter`` counted (``cost``: forward calls, tokens forwarded, generated tokens, for
+    aligning and for answering)."""
+    n = len(subjects)
+    seen = [s.seen_only(inventory.train) for s in subjects]
+    start, cost0 = time.perf_counter(), meter.snapshot() if meter else None
+    artifacts = method.align_group(seen, inventory.train_items)
+    aligned, cost1 = time.perf_counter(), meter.snapshot() if meter else None
+    answers = method.answer_group(seen, artifacts, inventory.test_items)
+    done, cost2 = time.perf_counter(), meter.snapshot() if meter else None
+    out = []
+    for subject, artifact, answer in zip(subjects, artifacts, answers, strict=True):
+        table, selected_on_test = answers_of(method.name, subject, inventory, answer, artifact)
+        metrics = table_metrics(table)
+        info = {k: v for k, v in artifact.meta.items() if k != "timing"}
+        row = {
+            "case": subject.case,
+            "method": method.name,
+            **metrics.to_dict(),
+            "timing": {
+                "align_s": (aligned - start) / n,
+                "eval_s": (done - aligned) / n,
+                **artifact.meta.get("timing", {}),
+            },
+            **({"align_info": info} if info else {}),
+            **({"selected_on_test_items": selected_on_test} if selected_on_test else {}),
+        }
+        if meter is not None:
+            row["cost"] = {"align": (cost1 - cost0) / n, "answer": (cost2 - cost1) / n}
+            if n > 1:
+                row["subject_batch"] = n
+        out.append((row, artifact, table))
+    return out
+
+
+def answers_of(
+    method: str,
+    subject: Subject,
+    inventory: Inventory,
+    answer: Answers | Candidates,
+    artifact: Artifact,
+) -> tuple[pd.DataFrame, str | None]:
+    """The subject's answers table, and the name of the hyper-parameter chosen on the test
+    items (None when the method chose everything itself). Choosing among :class:`Candidates`
+    is the one place where a test answer selects anything: by the lowest Score (ties: the
+    first), recorded in the artifact (``<name>``, ``<name>_scores_on_test_items``) and the
+    table (every candidate's answers, the chosen one ``selected``)."""
+    items, target = inventory.test_items, subject.answers(inventory.test)
+    if isinstance(answer, Answers):
+        return answer_table(subject.case, method, items, target, answer), None
+    best, scores = best_candidate([a.scores for a in answer.answers], target, items)
+    artifact.choose(answer.name, answer.values[best])
+    artifact.meta[f"{answer.name}_scores_on_test_items"] = {
+        str(v): s for v, s in zip(answer.values, scores, strict=True)
+    }
+    tables = [
+        answer_table(subject.case, method, items, target, a, selected=i == best)
+        for i, a in enumerate(answer.answers)
+    ]
+    return pd.concat(tables, ignore_index=True), answer.name
+
+
+def baseline_rows(
+    data: PapiData, subjects: Sequence[Subject], run_dir: RunDir | None = None
+) -> dict[str, list[dict]]:
+    """Per-subject result rows of every statistical baseline on ``subjects``; with
+    ``run_dir``, their answers files too."""
+    out = {}
+    for cls in BASELINES:
+        baseline = cls()
+        baseline.setup(MethodContext(data))
+        out[baseline.name] = []
+        for row, _, table in evaluate_group(baseline, subjects, data.inventory):
+            if run_dir is not None:
+                write_table(run_dir.answers_file(baseline.name, row["case"]), table)
+            out[baseline.name].append(row)
+    return out
+
+
+def aggregate_baselines(rows: dict[str, Sequence[dict]]) -> dict[str, dict]:
+    """:func:`aggregate` of each baseline's rows, without timings (they use no model)."""
+    out = {}
+    for name, baseline in rows.items():
+        entry = aggregate(baseline)
+        entry.pop("timing", None)
+        out[name] = entry
+    return out
+
+
+def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
+    """Aggregated results of every statistical baseline on ``subjects``."""
+    return aggregate_baselines(baseline_rows(data, subjects))
+
+
+def evaluate_all(
+    method: Method,
+    subjects: Sequence[Subject],
+    inventory: Inventory,
+    run_dir: RunDir,
+    save_artifacts: bool = True,
+    tracker: RunTracker | None = None,
+    meter: CostMeter | None = None,
+) -> list[dict]:
+    """Evaluate ``method`` on every subject, ``method.subject_batch`` at a time, with a progress
+    bar. Each subject's answers, artifact (``save_artifacts``) and then row are written into
+    ``run_dir`` atomically as soon as its group is done, so a killed run loses at most the group
+    in flight; subjects whose row is already there are not evaluated again (``resume``)."""
+    done = run_dir.finished_rows(method.name)
+    if done:
+        log.info(
+            "%s: %d finished subject(s) found in %s",
+            method.name,
+            len(done),
+            run_dir.results(method.name),
+        )
+    pending = [s for s in subjects if s.case not in done]
+    size = max(1, method.subject_batch)
+    results: dict[int, tuple[dict, list | None]] = {}
+    bar = tqdm(
+        total=len(subjects), desc=f"{method.name} subjects", unit="subject", dynamic_ncols=True
+    )
+    bar.update(len(subjects) - len(pending))
+    for start in range(0, len(pending), size):
+        for row, artifact, table in evaluate_group(
+            method, pending[start : start + size], inventory, meter
+        ):
+            write_table(run_dir.answers_file(method.name, row["case"]), table)
+            if save_artifacts:
+                artifact.save(run_dir.artifacts(method.name) / str(row["case"]))
+            write_atomic(run_dir.results(method.name) / f"{row['case']}.json", json.dumps(row))
+            results[row["case"]] = (row, artifact.history)
+            log.info("%s %s", method.name, _log_line(row))
+            bar.update(1)
+        bar.set_postfix(score=f"{np.mean([r['score'] for r, _ in results.values()]):.3f}")
+    bar.close()
+    rows = []
+    for subject in subjects:
+        row, history = results.get(subject.case, (done.get(subject.case), None))
+        if tracker is not None:
+            tracker.subject(row, history)
+        rows.append(row)
+    return rows
+
+
+def setup(method: Method, context: MethodContext, meter: CostMeter | None) -> dict | None:
+    """``method.setup(context)``; returns the forwards it cost (e.g. PAS's shared activations),
+    or None without a model."""
+    before = meter.snapshot() if meter else None
+    method.setup(context)
+    return (meter.snapshot() - before).to_dict() if meter else None
+
+
+def with_setup_cost(entry: dict, cost: dict | None) -> dict:
+    """``entry`` (an aggregate) with the method's one-off set-up cost beside its per-subject
+    cost, when it used a model."""
+    if cost is not None:
+        entry.setdefault("cost", {})["setup"] = cost
+    return entry
+
+
+def _log_line(row: dict) -> str:
+    maes = " ".join(f"{t} {row['mae'][t]:.2f}" for t in TRAITS)
+    t = row["timing"]
+    return (
+        f"case {row['case']}: Score {row['score']:.3f} ({maes}) UNK {100 * row['unk_rate']:.1f}% "
+        f"align {t['align_s']:.2f}s eval {t['eval_s']:.2f}s"
+    )
+
+
+def build(node: DictConfig):
+    """Instantiate a palign config node (``_target_`` must be one of palign's own classes or
+    functions: a config file cannot make palign import anything else), re-raising palign's own
+    errors unwrapped (they name the key)."""
+    target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+    if not target.startswith("palign."):
+        raise ConfigError(
+            f"_target_={target!r}: only palign's own classes can be built from a config "
+            "(palign.<module>.<name>)"
+        )
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, PalignError):
+            raise e.__cause__ from None
+        raise
+
+
+def _load_method_yaml(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` with its group-local ``defaults`` (other method configs) merged
+    first, as Hydra composes it."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"compare: unknown method {name!r} (no {path})")
+    node = OmegaConf.load(path)
+    bases = node.pop("defaults", [])
+    merged = OmegaConf.create()
+    for base in bases:
+        if base != "_self_":
+            merged = OmegaConf.merge(merged, _load_method_yaml(base))
+    return OmegaConf.merge(merged, node)
+
+
+def method_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The method config ``name`` resolved against ``cfg`` (as if run with ``method=<name>``)."""
+    other = cfg.copy()
+    with open_dict(other):
+        other.method = _load_method_yaml(name)
+    return other.method
+
+
+def select(cfg: DictConfig, data: PapiData) -> list[Subject]:
+    """The subjects ``cfg.dataset`` selects (cases, sample, limit, shard)."""
+    ds = cfg.dataset
+    return select_subjects(
+        data.subjects,
+        limit=ds.limit,
+        cases=ds.cases,
+        sample=ds.sample,
+        seed=ds.seed,
+        shard=ds.get("shard"),
+    )
+
+
+def selection_score(rows: Sequence[dict]) -> float | None:
+    """Mean over subjects of the cross-validated Score of the chosen hyper-parameters on the
+    subjects' own alignment items (``align_info.selection_score``, e.g. PAS under
+    protocol=clean); None when a method selected nothing there. The objective of
+    ``hparams_search``: it never reads a test item."""
+    scores = [r.get("align_info", {}).get("selection_score") for r in rows]
+    if not rows or any(s is None for s in scores):
+        return None
+    return float(np.mean(scores))
+
+
+def check_objective(cfg: DictConfig, method: Method) -> None:
+    """Before any work: ``cfg.optimized_metric`` (what a Hydra sweeper minimises) may only be
+    ``selection_score``, and only for a method that selects on the alignment items; choosing
+    hyper-parameters by the test Score would leak the test items into the result."""
+    metric = cfg.get("optimized_metric")
+    if not metric:
+        return
+    if metric != "selection_score":
+        raise ConfigError(
+            f"optimized_metric={metric!r}: only 'selection_score' (on the subjects' own "
+            "alignment items) may be optimised; the test Score would leak the test items"
+        )
+    if not method.selects_on_alignment_items:
+        raise ConfigError(
+            f"optimized_metric=selection_score: method {method.name} under "
+            f"protocol={cfg.protocol.name} selects nothing on the alignment items "
+            "(PAS needs protocol=clean)"
+        )
+
+
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
+    (None when no metric is configured; see :func:`check_objective`)."""
+    metric = cfg.get("optimized_metric")
+    return summary[metric] if metric else None
+
+
+def summarize(
+    cfg: DictConfig,
+    method: Method,
+    model_name: str,
+    data: PapiData,
+    subjects: Sequence[Subject],
+    rows: Sequence[dict],
+    compare: dict[str, dict],
+    baselines: dict[str, Sequence[dict]],
+    notes: Sequence[str] = (),
+) -> dict:
+    """The run's ``summary.json`` content: the method's aggregate beside the compared methods'
+    and the statistical baselines' (``baselines``: their rows on the same subjects), the
+    baselines on all loaded subjects, and every method's ``notes`` for the report."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "method": method.name,
+        "model": model_name,
+        "protocol": {
+            "name": cfg.protocol.name,
+            "coding": cfg.protocol.coding,
+            "scoring": cfg.scoring.mode if method.uses_llm else "none (no LLM)",
+        },
+        "n_test_items": len(data.inventory.test),
+        **aggregate(rows),
+        "selection_score": selection_score(rows),
+        "cases": [s.case for s in subjects],
+        "shard": cfg.dataset.get("shard"),
+        "compare": compare,
+        "baselines": aggregate_baselines(baselines),
+        "baselines_all_subjects": baseline_results(data, data.subjects),
+        "notes": list(notes),
+        "versions": {"palign": __version__},
+    }
+
+
+def write_outputs(run_dir: RunDir, summary: dict, rows: dict[str, Sequence[dict]]) -> str:
+    """``summary.json``, ``report.md`` and the per-method JSON-lines files (``results.jsonl``
+    for the main method, ``compare/<name>.jsonl`` for the others); returns the report."""
+    for name, method_rows in rows.items():
+        run_dir.write_rows(name, summary["method"], method_rows)
+    write_atomic(run_dir.summary, json.dumps(summary, indent=2))
+    report = report_markdown(summary)
+    write_atomic(run_dir.report, report)
+    return report
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one configured evaluation; returns the summary (also written to ``summary.json``).
+    With ``resume=<run dir>`` the subjects already finished there are not evaluated again.
+
+    Everything is checked before any work: the run dir (writable, not held by another run,
+    resume allowed), the device, the data and the subject selection, every method's config
+    (``compare`` entries included). Only then is ``config.yaml`` written and the model loaded."""
+    run_dir = RunDir(cfg.paths.output_dir)
+    run_dir.check_writable()
+    with run_dir.lock(), logging_redirect_tqdm():  # log lines above the bars, not through them
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
+    check_resume(cfg, run_dir)
+    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
+    subjects = select(cfg, data)
+    method: Method = build(cfg.method)
+    check_objective(cfg, method)
+    others: list[Method] = [build(method_config(cfg, name)) for name in cfg.get("compare") or []]
+    names = [m.name for m in (method, *others)]
+    if len(set(names)) < len(names):
+        raise ConfigError(
+            f"compare={list(cfg.compare)}: the methods' names {names} repeat; each method of a "
+            "run needs its own name (its results/, artifacts/ and report row)"
+        )
+    uses_llm = any(m.uses_llm for m in (method, *others))
+    if uses_llm:
+        check_device(cfg.hardware.device)
+        check_precision(cfg.hardware.precision)
+    for key, value in (cfg.hardware.get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    write_atomic(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
+
+    scorer = None
+    model_name = "none (no LLM)"
+    if uses_llm:
+        loaded = build(cfg.model)
+        model_name = loaded.name
+        scorer = Scorer(
+            loaded,
+            ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)),
+            precision=cfg.hardware.precision,
+        )
+    meter = scorer.loaded.meter if scorer else None
+    setup_cost = {method.name: setup(method, MethodContext(data=data, scorer=scorer), meter)}
+    tracker = RunTracker.from_config(cfg, method.name, run_dir)
+    ok = False
+    try:
+        tracker.hyperparams(cfg)
+
+        def evaluate(m: Method) -> list[dict]:
+            return evaluate_all(
+                m,
+                subjects,
+                data.inventory,
+                run_dir,
+                save_artifacts=cfg.save_artifacts,
+                tracker=tracker,
+                meter=meter,
+            )
+
+        rows = {method.name: evaluate(method)}
+        notes = method.notes(rows[method.name])
+        method.teardown()
+        for other in others:  # one at a time: each may change the shared model
+            setup_cost[other.name] = setup(other, MethodContext(data=data, scorer=scorer), meter)
+            rows[other.name] = evaluate(other)
+            notes += other.notes(rows[other.name])
+            other.teardown()
+        compare = {
+            name: with_setup_cost(aggregate(r), setup_cost[name])
+            for name, r in rows.items()
+            if name != method.name
+        }
+        baselines = baseline_rows(data, subjects, run_dir)
+        summary = summarize(
+            cfg, method, model_name, data, subjects, rows[method.name], compare, baselines, notes
+        )
+        with_setup_cost(summary, setup_cost[method.name])
+        report = write_outputs(run_dir, summary, rows)
+        plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked
+        tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], run_dir)
+        print(report)
+        log.info("Outputs in %s", run_dir.path)
+        ok = True
+        return summary
+    finally:
+        tracker.close(ok)

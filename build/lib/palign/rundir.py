@@ -1,0 +1,313 @@
+"""The run dir: its layout, its lock, atomic writes, and the summary's schema.
+
+One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
+
+    config.yaml                      the resolved config
+    .palign.lock                     held while a run writes here (pid, host, start)
+    results/<method>/<case>.json     one result row per subject (what resume reads)
+    answers/<method>/<case>.csv      every answer (palign.eval.answers)
+    artifacts/<method>/<case>/       what aligning produced
+    results.jsonl, compare/<method>.jsonl    the rows in subject order
+    summary.json                     the aggregate (schema :data:`SCHEMA_VERSION`)
+    report.md, plots/                for readers
+    csv/, tensorboard/, wandb/       the logger's files
+
+Every module that reads or writes a run dir goes through :class:`RunDir`. Files are written
+atomically (readers see the old file or the whole new one); nothing here deletes a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from palign.errors import RunDirError
+
+#: Version of ``summary.json``'s layout; readers refuse a newer one. Summaries without a
+#: ``schema`` key (palign 0.1.0 before versioning) have the same layout and read as version 0.
+SCHEMA_VERSION = 1
+#: Keys every ``summary.json`` has.
+SUMMARY_KEYS = (
+    "method",
+    "model",
+    "protocol",
+    "n_test_items",
+    "cases",
+    "n_subjects",
+    "mae",
+    "score",
+    "unk_rate",
+    "compare",
+    "baselines",
+)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one (a
+    temporary file unique to this process, fsynced, then renamed over ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunDir:
+    """A run dir at ``path``: where each file goes, the lock, and reading the summary."""
+
+    LOCK = ".palign.lock"
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    # --- layout ----------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def results(self, method: str) -> Path:
+        """Folder of ``method``'s per-subject rows."""
+        return self.path / "results" / method
+
+    def answers(self, method: str) -> Path:
+        """Folder of ``method``'s answers files."""
+        return self.path / "answers" / method
+
+    def answers_file(self, method: str, case: int) -> Path:
+        return self.answers(method) / f"{case}.csv"
+
+    def artifacts(self, method: str) -> Path:
+        return self.path / "artifacts" / method
+
+    def rows_file(self, method: str, main: str) -> Path:
+        """``results.jsonl`` for the run's main method, ``compare/<method>.jsonl`` else."""
+        return self.path / ("results.jsonl" if method == main else f"compare/{method}.jsonl")
+
+    @property
+    def wandb_id(self) -> Path:
+        """The W&B run id of this run dir (a resumed run continues that W&B run)."""
+        return self.path / "wandb_run_id.txt"
+
+    def has_results(self) -> bool:
+        return (self.path / "results").is_dir()
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """The run dir (or the nearest existing folder above it) accepts new files."""
+        probe = self.path
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            raise RunDirError(f"{self.path}: {probe} is not a folder", "choose another run dir")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise RunDirError(
+                f"{self.path}: cannot write into {probe} (permission denied)",
+                "choose a writable folder with hydra.run.dir=... or paths",
+            )
+
+    def check_free(self) -> None:
+        """No live process holds the run dir (:meth:`lock`); a :class:`RunDirError` names it."""
+        holder = self._holder(self.path / self.LOCK)
+        if holder is not None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
+            raise RunDirError(
+                f"{self.path} is in use by another palign run (pid {holder['pid']} on "
+                f"{holder['host']}, since {since})",
+                "wait for it to finish, or use another run dir",
+            )
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run dir for this process: a second run on it refuses, naming the holder.
+        A lock left by a process that is gone (killed) is taken over."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / self.LOCK
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for attempt in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check_free()
+                if attempt:
+                    raise RunDirError(f"{lock}: cannot take over this lock file") from None
+                lock.unlink(missing_ok=True)  # its holder is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    @staticmethod
+    def _holder(lock: Path) -> dict | None:
+        """The live holder of ``lock``, or None when it is gone (or the file is unreadable)."""
+        if not lock.is_file():
+            return None
+        try:
+            holder = json.loads(lock.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+            float(holder["since"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if host == socket.gethostname() and not _alive(pid):
+            return None
+        return holder
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def read_summary(self) -> dict:
+        """``summary.json``, checked: a :class:`RunDirError` names the file when it is missing,
+        not JSON, lacks keys or has a newer schema."""
+        path = self.summary
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing (is {self.path} a finished palign run dir?)")
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(summary, dict):
+            raise RunDirError(f"{path}: not a palign summary (a JSON object is expected)")
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise RunDirError(f"{path}: not a palign summary (no {', '.join(missing)})")
+        schema = summary.setdefault("schema", 0)
+        if not isinstance(schema, int) or isinstance(schema, bool) or schema > SCHEMA_VERSION:
+            raise RunDirError(
+                f"{path}: schema {schema!r} is not one this palign reads (0..{SCHEMA_VERSION})",
+                "a newer palign wrote it: upgrade palign",
+            )
+        return summary
+
+    def read_rows(self, method: str, main: str) -> list[dict]:
+        """The rows of ``method`` in subject order (``results.jsonl`` / ``compare/``)."""
+        path = self.rows_file(method, main)
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing (per-subject rows of {method})")
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise RunDirError(f"{path}: line {number} is not valid JSON ({e})") from None
+        return rows
+
+    def finished_rows(self, method: str) -> dict[int, dict]:
+        """The per-subject rows already written for ``method``, by case."""
+        folder = self.results(method)
+        done = {}
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                row = json.loads(path.read_text(encoding="utf-8"))
+                done[int(row["case"])] = row
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise RunDirError(
+                    f"{path}: not a palign result row ({e})",
+                    "delete the file to evaluate that subject again",
+                ) from None
+        return done
+
+    def write_rows(self, method: str, main: str, rows: Sequence[dict]) -> None:
+        write_atomic(self.rows_file(method, main), "".join(json.dumps(r) + "\n" for r in rows))
+
+    def link(self, target: Path, link: Path) -> None:
+        """A relative symlink ``link`` -> ``target`` (the pair can be moved together)."""
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink() and not link.exists():
+            link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+#: Config keys that may differ between a run and its resumption (where and how it is logged).
+RESUME_FREE_KEYS = ("paths", "resume", "logger", "hardware", "task_name", "save_artifacts")
+
+
+def check_resume(cfg: DictConfig, run_dir: RunDir) -> None:
+    """With ``resume=<run dir>`` (which Hydra makes the run dir): ``out_dir`` must hold a palign
+    run (a multirun job that had not started yet is the exception) whose ``config.yaml`` agrees
+    with ``cfg`` except at :data:`RESUME_FREE_KEYS`. Without ``resume``, ``out_dir`` must not
+    hold results of an earlier run."""
+    out_dir, resume = run_dir.path, cfg.get("resume")
+    saved_path = run_dir.config
+    if not resume:
+        if run_dir.has_results():
+            raise RunDirError(
+                f"{out_dir} already holds results of a run: pass resume={out_dir} to continue "
+                "it, or choose another hydra.run.dir"
+            )
+        return
+    if not saved_path.is_file():
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return
+        raise RunDirError(f"resume={resume}: no palign run in {out_dir} (no config.yaml)")
+    try:
+        saved = OmegaConf.load(saved_path)
+    except Exception as e:  # YAML syntax or encoding: the file is named, not a traceback
+        raise RunDirError(f"{saved_path}: not a readable config ({type(e).__name__})") from None
+    diff = config_differences(saved, cfg, RESUME_FREE_KEYS)
+    if diff:
+        raise RunDirError(
+            f"resume={resume}: the config differs from the run's {saved_path} at "
+            f"{', '.join(diff[:8])}; resume with the same overrides or start a new run"
+        )
+
+
+def config_differences(a: DictConfig, b: DictConfig, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted keys at which the resolved configs ``a`` and ``b`` differ, except under the
+    dotted keys of ``ignore``."""
+    skip = set(ignore)
+
+    def walk(x, y, prefix: str) -> list[str]:
+        if prefix.rstrip(".") in skip:
+            return []
+        if isinstance(x, dict) and isinstance(y, dict):
+            return [
+                d
+                for k in sorted(set(x) | set(y))
+                for d in walk(x.get(k), y.get(k), f"{prefix}{k}.")
+            ]
+        return [] if x == y else [prefix.rstrip(".")]
+
+    return walk(
+        OmegaConf.to_container(a, resolve=True), OmegaConf.to_container(b, resolve=True), ""
+    )

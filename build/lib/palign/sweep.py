@@ -1,0 +1,146 @@
+"""One table for a whole sweep: every job's ``summary.json`` collected at the sweep root as
+``sweep_table.md`` and ``sweep_table.csv``.
+
+Written by the Hydra callback :class:`SweepTable` when a multirun ends (any launcher or sweeper),
+and by ``python -m palign.sweep <sweep dir>`` for sweeps run outside Hydra (SLURM array jobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from palign.constants import TRAITS
+from palign.errors import RunDirError, cli
+from palign.rundir import RunDir
+
+log = logging.getLogger("palign")
+
+COLUMNS = ["job", "overrides", "method", "model", "protocol", "subjects", *TRAITS, "score",
+           "unk_rate", "selection_score", "align_s_per_subject", "eval_s_per_subject"]  # fmt: skip
+
+
+def _entry_row(job: str, overrides: str, summary: dict, name: str, entry: dict, model: str) -> dict:
+    timing = entry.get("timing", {})
+    return {
+        "job": job,
+        "overrides": overrides,
+        "method": name,
+        "model": model,
+        "protocol": summary["protocol"]["name"],
+        "subjects": entry["n_subjects"],
+        **{t: entry["mae"][t] for t in TRAITS},
+        "score": entry["score"],
+        "unk_rate": entry.get("unk_rate", 0.0),
+        "selection_score": entry.get("selection_score"),
+        "align_s_per_subject": timing.get("align_s_per_subject"),
+        "eval_s_per_subject": timing.get("eval_s_per_subject"),
+    }
+
+
+def _overrides(job_dir: Path) -> str:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    return " ".join(OmegaConf.load(path)) if path.is_file() else ""
+
+
+def _job_order(job_dir: Path) -> tuple[int, str]:
+    """Hydra job dirs ``<num>_...`` in job order, other dirs after them by name."""
+    head = job_dir.name.split("_")[0]
+    return (int(head) if head.isdigit() else sys.maxsize, job_dir.name)
+
+
+def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
+    """Rows of every job under ``sweep_dir`` (main and compared methods, then the statistical
+    baselines once per distinct subject set and coding) and the job dirs without a summary."""
+    rows, missing, seen = [], [], set()
+    jobs = sorted((p.parent for p in sweep_dir.glob("*/config.yaml")), key=_job_order)
+    baseline_rows = []
+    for job in jobs:
+        run_dir = RunDir(job)
+        if not run_dir.summary.is_file():
+            missing.append(job.name)
+            continue
+        summary = run_dir.read_summary()
+        overrides = _overrides(job)
+        rows.append(
+            _entry_row(job.name, overrides, summary, summary["method"], summary, summary["model"])
+        )
+        for name, entry in summary.get("compare", {}).items():
+            rows.append(_entry_row(job.name, overrides, summary, name, entry, summary["model"]))
+        key = (summary["protocol"]["coding"], tuple(summary["cases"]))
+        if key not in seen:
+            seen.add(key)
+            for name, entry in summary["baselines"].items():
+                row = _entry_row(job.name, "", summary, f"{name} (no LLM)", entry, "-")
+                baseline_rows.append(row)
+    return rows + baseline_rows, missing
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def write_table(sweep_dir: Path) -> Path | None:
+    """Write ``sweep_table.md`` and ``.csv`` in ``sweep_dir``; returns the markdown path (None
+    when no job has a summary yet)."""
+    rows, missing = collect(sweep_dir)
+    if not rows:
+        log.warning("sweep %s: no job has a summary.json yet; no sweep table", sweep_dir)
+        return None
+    with open(sweep_dir / "sweep_table.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"# palign sweep: {sweep_dir}",
+        "",
+        "Per-trait mean absolute error (1..5 scale) over each job's subjects; Score = sum "
+        "(lower is better). Baselines use no LLM and are shown once per subject set.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+        *("| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows),
+    ]
+    if missing:
+        lines += ["", f"Jobs without a summary (failed or unfinished): {', '.join(missing)}"]
+    path = sweep_dir / "sweep_table.md"
+    path.write_text("\n".join(lines) + "\n")
+    log.info("Sweep table: %s", path)
+    return path
+
+
+class SweepTable(Callback):
+    """Hydra callback: the sweep table at the sweep root when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = write_table(Path(config.hydra.sweep.dir))
+        if path is not None:
+            print(path.read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m palign.sweep", description="Collect a sweep's job summaries into a table."
+    )
+    parser.add_argument("sweep_dir", type=Path, help="dir whose sub-dirs are palign run dirs")
+    args = parser.parse_args(argv)
+    with cli("palign.sweep"):
+        if not args.sweep_dir.is_dir():
+            raise RunDirError(f"{args.sweep_dir} is not a directory")
+        path = write_table(args.sweep_dir)
+        if path is None:
+            raise RunDirError(f"no summary.json under {args.sweep_dir}/*/")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

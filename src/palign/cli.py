@@ -1,0 +1,51 @@
+"""The ``palign`` command: a run, or one of the other commands.
+
+    palign [overrides]                  a run (as ``python -m palign``)
+    palign generate [overrides]         replies with and without a profile or adapter
+    palign merge --out DIR SHARDS...    sharded run dirs into one
+    palign reproduce --out DIR RUNS...  Table 1 from finished runs
+    palign sweep SWEEP_DIR              a sweep's table
+    palign data check [PAPI_DIR]        which response coding the PAPI files use
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: Command -> the module whose ``main`` runs it (argv without the command).
+COMMANDS = {
+    "generate": "palign.generate",
+    "merge": "palign.merge",
+    "reproduce": "palign.reproduce",
+    "sweep": "palign.sweep",
+    "data": "palign.data.check",
+}
+#: Commands that are Hydra apps: they read ``sys.argv`` themselves.
+HYDRA_APPS = ("generate",)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in COMMANDS:
+        from palign.__main__ import main as run_main
+
+        run_main()
+        return
+    command, rest = argv[0], argv[1:]
+    if command == "data":
+        if not rest or rest[0] != "check":
+            sys.exit("palign data: error: expected `palign data check [PAPI_DIR]`")
+        rest = rest[1:]
+    module = importlib.import_module(COMMANDS[command])
+    if command in HYDRA_APPS:
+        sys.argv = [f"palign {command}", *rest]
+        module.main()
+        return
+    result = module.main(rest)
+    if isinstance(result, int) and result:
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()

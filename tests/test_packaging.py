@@ -1,0 +1,80 @@
+"""palign as a library: the wheel carries the configs and the `palign` command, and runs from
+any directory; a user's own config dir adds a method."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from palign.data.papi import locate_papi
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """A fresh venv with palign's wheel installed (its dependencies: this interpreter's)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp / "dist"), str(ROOT)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    (wheel,) = (tmp / "dist").glob("palign-*.whl")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    (site / "palign_test_deps.pth").write_text(deps + "\n")  # torch & co. without a download
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
+         str(wheel)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    return venv
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WANDB_API_KEY")}
+    return {**env, "PALIGN_DATA": str(locate_papi(None)), "WANDB_SILENT": "true"}
+
+
+def test_a_wheel_install_runs_from_another_directory(installed, tmp_path):
+    python, palign = installed / "bin" / "python", installed / "bin" / "palign"
+    where = subprocess.run(
+        [str(python), "-c", "import palign; print(palign.__file__, palign.CONF_DIR)"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(), check=True,
+    ).stdout  # fmt: skip
+    assert (
+        str(installed) in where and str(ROOT) not in where
+    )  # the installed copy, not the checkout
+    wheel = next((installed.parent / "dist").glob("palign-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in ROOT.glob("conf/**/*.yaml"):
+        assert f"palign/conf/{path.relative_to(ROOT / 'conf')}" in names
+    # A user's own config dir, added to Hydra's search path, brings a method of its own.
+    mine = tmp_path / "my_conf" / "method"
+    mine.mkdir(parents=True)
+    (mine / "my_unchanged.yaml").write_text("_target_: palign.methods.NoChange\n")
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [str(palign), "model=tiny_llama", "method=my_unchanged", "dataset.limit=1",
+         f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", f"hydra.run.dir={out}"],
+        capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "no_change" and summary["n_subjects"] == 1
+    check = subprocess.run(
+        [str(palign), "data", "check"], capture_output=True, text=True, cwd=tmp_path, env=_env()
+    )
+    assert check.returncode == 0 and "Verdict: keyed" in check.stdout
+    bad = subprocess.run(
+        [str(palign), "sweep", str(tmp_path / "nothing")], capture_output=True, text=True,
+        cwd=tmp_path, env=_env(),
+    )  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("is not a directory")
