@@ -8,7 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from palign.data import load_papi
+from palign.data import load_papi, locate_papi
+from palign.errors import DataError
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.models import load_random
 
@@ -25,6 +26,38 @@ TINY_LLAMA = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=True,
 )
+
+
+def _papi_missing() -> str | None:
+    try:
+        locate_papi(None)
+    except DataError:
+        return (
+            "needs the PAPI files and none were found: run `palign data fetch` (or set "
+            "$PALIGN_DATA to a copy)"
+        )
+    return None
+
+
+#: Test modules that run palign on the real data end to end (besides the fixtures below).
+DATA_MODULES = {
+    "test_app", "test_infra", "test_reproduce", "test_bad_inputs", "test_packaging", "test_fetch",
+    "test_integration_smollm2", "test_integration_pas_smollm2", "test_cost", "test_dpo",
+    "test_ppo", "test_placement", "test_quant4bit", "test_generate", "test_memory", "test_rundir",
+    "test_data", "test_data_checks", "test_method_checks", "test_launchers", "test_bench_gpu",
+}  # fmt: skip
+DATA_FIXTURES = {"papi", "cfg_factory"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without the PAPI files, every test that needs them is skipped with one reason."""
+    reason = _papi_missing()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if DATA_FIXTURES & set(item.fixturenames) or item.module.__name__ in DATA_MODULES:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

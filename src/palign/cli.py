@@ -1,11 +1,12 @@
 """The ``palign`` command: a run, or one of the other commands.
 
-    palign [overrides]                  a run (as ``python -m palign``)
-    palign generate [overrides]         replies with and without a profile or adapter
-    palign merge --out DIR SHARDS...    sharded run dirs into one
-    palign reproduce --out DIR RUNS...  Table 1 from finished runs
-    palign sweep SWEEP_DIR              a sweep's table
-    palign data check [PAPI_DIR]        which response coding the PAPI files use
+palign [overrides]                  a run (as ``python -m palign``)
+palign generate [overrides]         replies with and without a profile or adapter
+palign merge --out DIR SHARDS...    sharded run dirs into one
+palign reproduce --out DIR RUNS...  Table 1 from finished runs
+palign sweep SWEEP_DIR              a sweep's table
+palign data check [PAPI_DIR]        which response coding the PAPI files use
+palign data fetch [--dir DIR]       download the PAPI files (sha256 checked, resumable)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ COMMANDS = {
     "merge": "palign.merge",
     "reproduce": "palign.reproduce",
     "sweep": "palign.sweep",
-    "data": "palign.data.check",
+    "data check": "palign.data.check",
+    "data fetch": "palign.data.fetch",
 }
 #: Commands that are Hydra apps: they read ``sys.argv`` themselves.
 HYDRA_APPS = ("generate",)
@@ -27,16 +29,18 @@ HYDRA_APPS = ("generate",)
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv[:1] == ["data"]:
+        if argv[1:2] not in (["check"], ["fetch"]):
+            sys.exit(
+                "palign data: error: expected `palign data check [PAPI_DIR]` or `palign data fetch`"
+            )
+        argv = [f"data {argv[1]}", *argv[2:]]
     if not argv or argv[0] not in COMMANDS:
         from palign.__main__ import main as run_main
 
         run_main()
         return
     command, rest = argv[0], argv[1:]
-    if command == "data":
-        if not rest or rest[0] != "check":
-            sys.exit("palign data: error: expected `palign data check [PAPI_DIR]`")
-        rest = rest[1:]
     module = importlib.import_module(COMMANDS[command])
     if command in HYDRA_APPS:
         sys.argv = [f"palign {command}", *rest]

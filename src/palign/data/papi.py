@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from palign import cache_root
 from palign.errors import ConfigError, DataError
 
 N_ITEMS = 300
@@ -29,7 +30,8 @@ SPLIT_FIELDS = ("train_index", "test_index")
 ITEM_KEY_COLUMNS = ("Full#", "Sign", "Facet", "Item")
 PERSONA_FILE = "personality_prompt.json"
 WHERE_TO_GET = (
-    "Get them from the PAPI/ folder of the public repository zhu-minjun/PAlign (the full set is "
+    "Download them with `palign data fetch` (into palign's cache, where they are then found), or "
+    "get them from the PAPI/ folder of the public repository zhu-minjun/PAlign (the full set is "
     "WestlakeNLP/PAPI-300K on the Hugging Face hub) and point dataset.root or $PALIGN_DATA at "
     "the folder, or place it at ./data/papi"
 )
@@ -123,7 +125,8 @@ def _project_root() -> Path:
 
 
 def locate_papi(root: str | os.PathLike | None = None) -> Path:
-    """Find the PAPI directory: ``root``, ``$PALIGN_DATA``, ``./data/papi``, ``../shared/papi``.
+    """Find the PAPI directory: ``root``, ``$PALIGN_DATA``, ``./data/papi``, ``../shared/papi``,
+    then ``<cache>/papi`` (where ``palign data fetch`` downloads them).
 
     The two relative locations are tried from the working directory, then from the project root.
     """
@@ -137,12 +140,18 @@ def locate_papi(root: str | os.PathLike | None = None) -> Path:
         _require_files(path, f"$PALIGN_DATA={env}")
         return path
     tried = []
-    for base in dict.fromkeys([Path.cwd(), _project_root()]):
-        for rel in ("data/papi", "../shared/papi"):
-            path = (base / rel).resolve()
-            tried.append(str(path))
-            if all((path / f).is_file() for f in REQUIRED_FILES):
-                return path
+    candidates = [
+        (base / rel).resolve()
+        for base in dict.fromkeys([Path.cwd(), _project_root()])
+        for rel in ("data/papi", "../shared/papi")
+    ]
+    for path in [
+        *candidates,
+        cache_root() / "papi",
+    ]:  # the last: where `palign data fetch` puts them
+        tried.append(str(path))
+        if all((path / f).is_file() for f in REQUIRED_FILES):
+            return path
     raise PapiDataError(
         f"PAPI data not found (looked in dataset.root, $PALIGN_DATA, {', '.join(tried)}). "
         + WHERE_TO_GET

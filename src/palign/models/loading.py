@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from palign import cache_root
 from palign.errors import ModelError
 from palign.models.cost import CostMeter
 from palign.models.memory import check_fits_offline
@@ -70,12 +71,6 @@ def _dtype(name: str | torch.dtype) -> torch.dtype:
             f"model.dtype={name!r} is not a torch dtype (float32, bfloat16, float16)"
         )
     return value
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where converted models live: ``cache_dir``, else ``$PALIGN_CACHE``, else ``~/.cache/palign``."""
-    root = cache_dir or os.environ.get("PALIGN_CACHE") or Path.home() / ".cache" / "palign"
-    return Path(root).expanduser()
 
 
 def is_quantized(model) -> bool:

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
+from palign import cache_root
 from palign.data.papi import Item
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, reference_contrastive_question
 from palign.eval.scoring import Scorer
-from palign.models.loading import cache_root
 from palign.pas.heads import HeadLayout, PASError
 
 log = logging.getLogger(__name__)
