@@ -73,7 +73,7 @@ def test_fetch_checks_sums_and_resumes_a_broken_download(server, tmp_path):
     RangeHandler.requests.clear()
     assert fetch(dest, url) == dest
     assert (f"/{part.name[1:-5]}", "bytes=1000-") in RangeHandler.requests  # resumed, not restarted
-    for name, (digest, size) in FILES.items():
+    for name, (digest, _size) in FILES.items():
         assert (
             sha256(dest / name) == digest
             and (dest / name).read_bytes() == (source / name).read_bytes()
