@@ -20,6 +20,7 @@ COMMANDS = {
     "merge": "palign.merge",
     "reproduce": "palign.reproduce",
     "sweep": "palign.sweep",
+    "export": "palign.export",
     "data check": "palign.data.check",
     "data fetch": "palign.data.fetch",
 }
