@@ -66,6 +66,10 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory, papi):
         and "| item_mean (no LLM) | 2 |" in report
         and "clean" in report
     )
+    page = (out / "report.html").read_text()  # the report and its plots on one page
+    assert "<td>few_shot</td>" in page and page.count("data:image/png;base64,") == len(
+        list((out / "plots").glob("*.png"))
+    )
     resolved = OmegaConf.load(out / "config.yaml")
     assert resolved.scoring.mode == "logit" and resolved.scoring.batch_size == 16
     # Every answer kept: one file per subject and method (and baseline), read by pandas.

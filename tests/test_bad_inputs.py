@@ -758,6 +758,11 @@ def invoke(entry: str, argv: list[str], monkeypatch) -> int:
     """Run ``entry``'s command line in this process; its exit status."""
     main = ENTRIES[entry]
     handlers, level = logging.root.handlers[:], logging.root.level
+    loggers = {  # Hydra's logging config may disable or re-level loggers: put them back after
+        name: (lg.disabled, lg.level, lg.propagate, lg.handlers[:])
+        for name, lg in logging.Logger.manager.loggerDict.items()
+        if isinstance(lg, logging.Logger)
+    }
     if entry in HYDRA_APPS:
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", [f"palign.{entry}", *argv])
@@ -771,6 +776,11 @@ def invoke(entry: str, argv: list[str], monkeypatch) -> int:
     finally:
         GlobalHydra.instance().clear()
         logging.root.handlers[:], logging.root.level = handlers, level  # Hydra's, not ours
+        for name, lg in logging.Logger.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.disabled, lg.level, lg.propagate, lg.handlers[:] = loggers.get(
+                    name, (False, logging.NOTSET, True, [])
+                )
     return result if isinstance(result, int) else 0
 
 

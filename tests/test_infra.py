@@ -78,6 +78,7 @@ def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path):
     assert jobs == ["0_no_change_tiny_llama", "1_trait_mean_tiny_llama"]
     summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in jobs]
     table = (sweep / "sweep_table.md").read_text()
+    assert "<table>" in (sweep / "sweep_table.html").read_text()
     with open(sweep / "sweep_table.csv") as f:
         rows = list(csv.DictReader(f))
     by_method = {r["method"]: r for r in rows}

@@ -31,7 +31,7 @@ PLOTS = (
     "head_accuracy",
     *(f"confusion_{m}" for m in METHODS + BASELINES),
 )
-N_FILES = 2 + 2 * len(PLOTS)  # table.md, table.csv and the plots of both protocols
+N_FILES = 3 + 2 * len(PLOTS)  # table.md, .csv, .html and the plots of both protocols
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +125,13 @@ def test_table_labels_the_papers_numbers_and_the_alpha_selection(smoke):
     assert "`protocol=paper` selects PAS's alpha ON THE TEST ITEMS" in text
     assert "`protocol=clean` selects it by k-fold on each subject's own 120 alignment items" in text
     assert "PAS alpha selected on: test items; chosen per subject: 0, 0." in text
+
+
+def test_one_self_contained_page(smoke):
+    page = (smoke / "table.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 * len(PLOTS)
+    assert "<table>" in page and 'src="http' not in page and "<link" not in page
+    assert "Table 1 of <em>Personality Alignment of Large Language Models</em>" in page
 
 
 def test_plots_are_png_files(smoke):

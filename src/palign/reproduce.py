@@ -10,6 +10,7 @@ methods' per-subject settings in ``results.jsonl`` and ``compare/<method>.jsonl`
   (per-trait MAE, Score, UNK), with the paper's published numbers where the run's model is one of
   the paper's; then the paper's Table 1 as published (:mod:`palign.published`).
 - ``table.csv``: the same numbers at full precision, one row per run and method.
+- ``table.html``: table.md and every plot on one self-contained page.
 - ``plots/trait_errors_<protocol>.png``: per-trait MAE per method, error bars = standard error
   over subjects; ``plots/pas_alpha_<protocol>.png``: PAS Score against alpha per subject and
   their mean; ``plots/head_accuracy_<protocol>.png``: mean probe validation accuracy per head;
@@ -34,6 +35,7 @@ from matplotlib.ticker import MaxNLocator
 from palign.constants import TRAITS
 from palign.errors import RunDirError, cli
 from palign.eval.answers import read_answers, read_table, table_metrics
+from palign.html import write_page
 from palign.published import PAPER_METHOD, PAPER_MODEL, TABLE1, Published, published
 from palign.report import aggregate, fmt
 from palign.rundir import RunDir
@@ -535,11 +537,14 @@ def reproduce(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     written = [out / "table.md", out / "table.csv"]
-    (out / "table.md").write_text(table_markdown(runs))
+    text = table_markdown(runs)
+    (out / "table.md").write_text(text)
     write_csv(runs, out / "table.csv")
+    figures = []
     for run in runs:
-        written += plot_run(run, plots, suffix=f"_{run.protocol}")
-    return written
+        figures += plot_run(run, plots, suffix=f"_{run.protocol}")
+    title = "palign: Table 1 of Personality Alignment of Large Language Models"
+    return [*written, *figures, write_page(out / "table.html", text, figures, title)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,6 +32,7 @@ from palign.errors import ConfigError, PalignError
 from palign.eval.answers import answer_table, table_metrics, write_table
 from palign.eval.metrics import best_candidate
 from palign.eval.scoring import Scorer, ScoringConfig
+from palign.html import write_page
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
@@ -372,11 +373,6 @@ def run(cfg: DictConfig) -> dict:
     (``compare`` entries included). Only then is ``config.yaml`` written and the model loaded."""
     run_dir = RunDir(cfg.paths.output_dir)
     run_dir.check_writable()
-    with run_dir.lock(), logging_redirect_tqdm():  # log lines above the bars, not through them
-        return _run(cfg, run_dir)
-
-
-def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
     check_resume(cfg, run_dir)
     data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
     subjects = select(cfg, data)
@@ -393,6 +389,20 @@ def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
     if uses_llm:
         check_device(cfg.hardware.device)
         check_precision(cfg.hardware.precision)
+    with run_dir.lock(), logging_redirect_tqdm():  # log lines above the bars, not through them
+        return _run(cfg, run_dir, data, subjects, method, others, uses_llm)
+
+
+def _run(
+    cfg: DictConfig,
+    run_dir: RunDir,
+    data: PapiData,
+    subjects: list[Subject],
+    method: Method,
+    others: list[Method],
+    uses_llm: bool,
+) -> dict:
+    check_resume(cfg, run_dir)  # again, now that no other run can start here
     for key, value in (cfg.hardware.get("env") or {}).items():
         os.environ.setdefault(str(key), str(value))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -445,7 +455,8 @@ def _run(cfg: DictConfig, run_dir: RunDir) -> dict:
         )
         with_setup_cost(summary, setup_cost[method.name])
         report = write_outputs(run_dir, summary, rows)
-        plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked
+        plots = plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked
+        write_page(run_dir.html, report, plots, f"palign: {method.name} on {model_name}")
         tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], run_dir)
         print(report)
         log.info("Outputs in %s", run_dir.path)

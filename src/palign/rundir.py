@@ -9,7 +9,7 @@ One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
     artifacts/<method>/<case>/       what aligning produced
     results.jsonl, compare/<method>.jsonl    the rows in subject order
     summary.json                     the aggregate (schema :data:`SCHEMA_VERSION`)
-    report.md, plots/                for readers
+    report.md, report.html, plots/   for readers (report.html: one self-contained page)
     csv/, tensorboard/, wandb/       the logger's files
 
 Every module that reads or writes a run dir goes through :class:`RunDir`. Files are written
@@ -95,6 +95,11 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / "report.md"
+
+    @property
+    def html(self) -> Path:
+        """``report.html``: the report with its plots embedded, one self-contained page."""
+        return self.path / "report.html"
 
     @property
     def plots(self) -> Path:

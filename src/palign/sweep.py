@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from palign.constants import TRAITS
 from palign.errors import RunDirError, cli
+from palign.html import write_page
 from palign.rundir import RunDir
 
 log = logging.getLogger("palign")
@@ -90,7 +91,7 @@ def _cell(value: Any) -> str:
 
 
 def write_table(sweep_dir: Path) -> Path | None:
-    """Write ``sweep_table.md`` and ``.csv`` in ``sweep_dir``; returns the markdown path (None
+    """Write ``sweep_table.md``, ``.csv`` and ``.html`` in ``sweep_dir``; returns the markdown path (None
     when no job has a summary yet)."""
     rows, missing = collect(sweep_dir)
     if not rows:
@@ -114,6 +115,9 @@ def write_table(sweep_dir: Path) -> Path | None:
         lines += ["", f"Jobs without a summary (failed or unfinished): {', '.join(missing)}"]
     path = sweep_dir / "sweep_table.md"
     path.write_text("\n".join(lines) + "\n")
+    write_page(
+        sweep_dir / "sweep_table.html", path.read_text(), [], f"palign sweep {sweep_dir.name}"
+    )
     log.info("Sweep table: %s", path)
     return path
 
