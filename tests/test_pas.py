@@ -1,10 +1,12 @@
 """PAS: probes, directions, interventions, alpha selection, profiles, architectures."""
 
+import logging
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 
 from conftest import TINY_LLAMA
@@ -204,7 +206,9 @@ def test_identical_contrast_prompts_are_refused(papi, tiny):
         )
 
 
-def test_activations_are_cached_and_record_the_letter_token(papi, tiny, make_scorer, tmp_path):
+def test_activations_are_cached_and_record_the_letter_token(
+    papi, tiny, make_scorer, tmp_path, caplog
+):
     scorer = make_scorer(batch_size=5)
     layout = head_layout(tiny.model)
     items = papi.inventory.train_items[:4]
@@ -213,6 +217,14 @@ def test_activations_are_cached_and_record_the_letter_token(papi, tiny, make_sco
     assert len(list((tmp_path / "activations").glob("*.safetensors"))) == 1
     again = contrastive_activations(scorer, layout, items, cache_dir=str(tmp_path))
     assert torch.equal(acts, again)
+    # A torn cache file (a killed writer, a full disk) is named and computed again.
+    (cache,) = (tmp_path / "activations").glob("*.safetensors")
+    cache.write_bytes(cache.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        rebuilt = contrastive_activations(scorer, layout, items, cache_dir=str(tmp_path))
+    assert torch.equal(acts, rebuilt)
+    assert any(f"Activation cache {cache} is corrupt" in r.message for r in caplog.records)
+    assert torch.equal(load_file(str(cache))["activations"], acts)  # the file is whole again
     # Direct check of one row: o_proj input of layer 1 at the last token of the "E" prompt.
     ids = scorer.encode_prompts(NEUTRAL_SYSTEM_PROMPT, items[2:3], "Option (E")[0]
     seen = {}
