@@ -147,3 +147,20 @@ def test_cli_error_is_one_line_and_the_traceback_on_request(tmp_path):
     verbose = palign({"PALIGN_TRACEBACK": "1"})
     assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
     assert "palign.errors.ConfigError" in verbose.stderr
+
+
+def test_resume_continues_the_same_wandb_run(cfg_factory, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = cfg_factory(*TINY, "method=item_mean", "dataset.limit=1", "logger=wandb")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    again = cfg_factory(
+        *TINY, "method=item_mean", "dataset.limit=1", "logger=wandb", f"resume={out}"
+    )
+    with open_dict(again):
+        again.paths.output_dir = str(out)
+    run(again)
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    attempts = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts)
