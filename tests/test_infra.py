@@ -260,3 +260,28 @@ def test_objective_refuses_test_scores_and_test_item_selection(cfg_factory):
     with pytest.raises(ConfigError, match="needs protocol=clean"):
         check_objective(cfg, build(cfg.method))
     assert objective(OmegaConf.create({"optimized_metric": None}), paper) is None
+
+
+def test_several_loggers_at_once_and_saved_profiles_as_wandb_artifacts(cfg_factory, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pas = ("method=pas", "method.top_k=2", "method.folds=2", "method.alphas=[0,1]")
+    cfg = cfg_factory(*TINY, *pas, "dataset.limit=1", "logger=many")
+    summary = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    with open(out / "csv" / "metrics.csv") as f:
+        logged_csv = [float(r["pas/score"]) for r in csv.DictReader(f) if r.get("pas/score")]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged_tb = [e.value for e in events.Scalars("pas/score")]
+    wandb_run = read_wandb_run(out)
+    logged_wandb = [h["pas/score"] for h in wandb_run["history"] if "pas/score" in h]
+    assert logged_csv == logged_wandb == pytest.approx(logged_tb, abs=1e-6)
+    assert logged_csv == pytest.approx([summary["score"]])
+    case = summary["cases"][0]
+    (profiles,) = [
+        files for name, files in wandb_run["artifacts"].items() if name.startswith("pas-")
+    ]
+    assert f"pas/{case}/profile.json" in profiles and f"pas/{case}/profile.safetensors" in profiles

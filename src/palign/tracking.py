@@ -66,76 +66,91 @@ def _sweep_group(cfg: DictConfig) -> str:
 
 class RunTracker:
     """Sends a run's hyper-parameters, per-subject rows, training curves, summary and files to
-    one Lightning logger (or nowhere when ``logger`` is None)."""
+    its Lightning loggers (none, one, or several at once)."""
 
-    def __init__(self, logger: Logger | None):
-        self.logger = logger
-        self.step = 0
+    def __init__(self, loggers: Sequence[Logger] = (), step: int = 0):
+        self.loggers = list(loggers)
+        self.step = step
 
     @classmethod
     def from_config(cls, cfg: DictConfig, method: str, run_dir: RunDir) -> RunTracker:
-        """Instantiate ``cfg.logger`` (None/empty: no logger). For W&B, ``group``, ``name`` and
-        extra ``tags`` (method, model, protocol) are filled in when the config leaves them
-        empty, and ``offline: null`` means offline unless an API key is available and
-        ``$WANDB_MODE`` is not ``offline``; the run's W&B id is kept in the run dir so that a
-        resumed run continues the same W&B run. A resumed CSV log is appended to, never
-        replaced, and its steps continue."""
+        """Instantiate ``cfg.logger``: one logger node (``_target_``), a mapping of named logger
+        nodes (``logger=many``: CSV, TensorBoard and W&B at once), or None/empty for none. For
+        W&B, ``group``, ``name`` and extra ``tags`` (method, model, protocol) are filled in when
+        the config leaves them empty, and ``offline: null`` means offline unless an API key is
+        available and ``$WANDB_MODE`` is not ``offline``; the run's W&B id is kept in the run
+        dir so that a resumed run continues the same W&B run. A resumed CSV log is appended
+        to, never replaced, and the steps of every logger continue after its rows."""
         node = cfg.get("logger")
         if not node:
-            return cls(None)
-        extra = {}
-        target = str(node.get("_target_", ""))
-        if target.endswith("WandbLogger"):
-            offline = node.get("offline")
-            if offline is None:
-                offline = not wandb_has_key() or os.environ.get("WANDB_MODE") == "offline"
-            id_file = run_dir.wandb_id
-            run_id = id_file.read_text().strip() if id_file.is_file() else None
-            if run_id is None:
-                run_id = uuid.uuid4().hex[:12]
-                write_atomic(id_file, run_id + "\n")
-            extra = dict(
-                offline=bool(offline),
-                group=node.get("group") or _sweep_group(cfg),
-                name=node.get("name") or run_dir.path.name,
-                tags=[*(node.get("tags") or []), method, cfg.model.name, cfg.protocol.name],
-                id=run_id,
-                resume="allow",
-            )
-        if target.endswith("CSVLogger"):
-            return cls._csv(instantiate(node))
-        return cls(instantiate(node, **extra))
+            return cls()
+        nodes = [node] if "_target_" in node else [n for n in node.values() if n]
+        loggers, step = [], 0
+        for n in nodes:
+            logger, next_step = cls._instantiate(n, cfg, method, run_dir)
+            loggers.append(logger)
+            step = max(step, next_step)
+        return cls(loggers, step)
 
     @classmethod
-    def _csv(cls, logger: CSVLogger) -> RunTracker:
-        """A tracker on ``logger`` that keeps the rows of an earlier attempt's ``metrics.csv``
-        (Lightning's CSV writer deletes that file when it starts) and continues its steps."""
+    def _instantiate(
+        cls, node: DictConfig, cfg: DictConfig, method: str, run_dir: RunDir
+    ) -> tuple[Logger, int]:
+        """One logger, and the first step it has not recorded yet."""
+        target = str(node.get("_target_", ""))
+        if target.endswith("CSVLogger"):
+            return cls._csv(instantiate(node))
+        if not target.endswith("WandbLogger"):
+            return instantiate(node), 0
+        offline = node.get("offline")
+        if offline is None:
+            offline = not wandb_has_key() or os.environ.get("WANDB_MODE") == "offline"
+        id_file = run_dir.wandb_id
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if run_id is None:
+            run_id = uuid.uuid4().hex[:12]
+            write_atomic(id_file, run_id + "\n")
+        logger = instantiate(
+            node,
+            offline=bool(offline),
+            group=node.get("group") or _sweep_group(cfg),
+            name=node.get("name") or run_dir.path.name,
+            tags=[*(node.get("tags") or []), method, cfg.model.name, cfg.protocol.name],
+            id=run_id,
+            resume="allow",
+        )
+        return logger, 0
+
+    @staticmethod
+    def _csv(logger: CSVLogger) -> tuple[CSVLogger, int]:
+        """``logger`` keeping the rows of an earlier attempt's ``metrics.csv`` (Lightning's CSV
+        writer deletes that file when it starts), and the step after its last row."""
         path = Path(logger.log_dir) / "metrics.csv"
         kept = path.read_bytes() if path.is_file() else None
         writer = logger.experiment  # creating the writer removes an existing metrics.csv
-        tracker = cls(logger)
-        if kept:
-            with open(path, "wb") as f:
-                f.write(kept)
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                steps = [int(float(r["step"])) for r in reader if r.get("step")]
-                writer.metrics_keys = sorted(reader.fieldnames or [])
-            tracker.step = max(steps, default=-1) + 1
-        return tracker
+        if not kept:
+            return logger, 0
+        with open(path, "wb") as f:
+            f.write(kept)
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            steps = [int(float(r["step"])) for r in reader if r.get("step")]
+            writer.metrics_keys = sorted(reader.fieldnames or [])
+        return logger, max(steps, default=-1) + 1
 
     def hyperparams(self, cfg: DictConfig) -> None:
-        if self.logger is not None:
-            self.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for logger in self.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     def _log(self, metrics: dict[str, float]) -> None:
-        self.logger.log_metrics(metrics, step=self.step)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.step)
         self.step += 1
 
     def subject(self, row: dict, history: Sequence[dict] | None = None) -> None:
         """One subject's metrics under ``<method>/...``; its training curve (one entry per
         optimiser step) first, under ``<method>/train/...``."""
-        if self.logger is None:
+        if not self.loggers:
             return
         method = row["method"]
         for entry in history or []:
@@ -152,9 +167,10 @@ class RunTracker:
 
     def summary(self, summary: dict, rows: Sequence[dict], run_dir: RunDir) -> None:
         """Run-level results: ``summary/<method>/...`` for the main, compared and baseline
-        methods; for W&B also the run summary, a Table of ``rows`` and the run dir's report,
-        summary, results and plots as an artifact; for TensorBoard the report as text."""
-        if self.logger is None:
+        methods; for W&B also the run summary, a Table of ``rows``, the run dir's report,
+        summary, results and plots as an artifact and every saved profile and adapter as one
+        artifact per method; for TensorBoard the report as text."""
+        if not self.loggers:
             return
         entries = {
             summary["method"]: summary,
@@ -166,30 +182,42 @@ class RunTracker:
             flat[f"summary/{name}/score"] = entry["score"]
             flat.update({f"summary/{name}/mae_{t}": entry["mae"][t] for t in TRAITS})
         self._log(flat)
-        out_dir = run_dir.path
         report = run_dir.report.read_text() if run_dir.report.exists() else ""
-        if isinstance(self.logger, WandbLogger):
-            import wandb
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                self._wandb_summary(logger, flat, rows, run_dir)
+            elif isinstance(logger, TensorBoardLogger) and report:
+                logger.experiment.add_text("report", report)
 
-            run = self.logger.experiment
-            run.summary.update(flat)
-            self.logger.log_table(
-                key="subjects", columns=ROW_COLUMNS, data=[row_cells(r) for r in rows]
-            )
-            artifact = wandb.Artifact(f"palign-{run.id}", type="palign-run")
-            for pattern in ("report.md", "summary.json", "results.jsonl", "plots/*.png"):
-                for path in sorted(out_dir.glob(pattern)):
-                    artifact.add_file(str(path), name=str(path.relative_to(out_dir)))
-            run.log_artifact(artifact)
-        elif isinstance(self.logger, TensorBoardLogger) and report:
-            self.logger.experiment.add_text("report", report)
+    @staticmethod
+    def _wandb_summary(logger: WandbLogger, flat: dict, rows: Sequence[dict], run_dir: RunDir):
+        import wandb
+
+        out_dir = run_dir.path
+        run = logger.experiment
+        run.summary.update(flat)
+        logger.log_table(key="subjects", columns=ROW_COLUMNS, data=[row_cells(r) for r in rows])
+        artifact = wandb.Artifact(f"palign-{run.id}", type="palign-run")
+        for pattern in ("report.md", "report.html", "summary.json", "results.jsonl", "plots/*.png"):
+            for path in sorted(out_dir.glob(pattern)):
+                artifact.add_file(str(path), name=str(path.relative_to(out_dir)))
+        run.log_artifact(artifact)
+        for folder in sorted(p for p in (out_dir / "artifacts").glob("*") if p.is_dir()):
+            if any(folder.glob("*/profile.json")):
+                kind = "palign-profile"
+            elif any(folder.glob("*/adapter_config.json")):
+                kind = "palign-adapter"
+            else:
+                continue  # system prompts only
+            saved = wandb.Artifact(f"{folder.name}-{run.id}", type=kind)
+            saved.add_dir(str(folder), name=folder.name)
+            run.log_artifact(saved)
 
     def close(self, ok: bool) -> None:
-        """Flush and close the logger; a W&B run is finished (exit code 1 after an error), so
-        each job of a multirun is its own run."""
-        if self.logger is None:
-            return
-        self.logger.finalize("success" if ok else "failed")
-        if isinstance(self.logger, WandbLogger):
-            self.logger.experiment.finish(exit_code=0 if ok else 1)
-        self.logger = None
+        """Flush and close every logger; a W&B run is finished (exit code 1 after an error),
+        so each job of a multirun is its own run."""
+        for logger in self.loggers:
+            logger.finalize("success" if ok else "failed")
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish(exit_code=0 if ok else 1)
+        self.loggers = []
