@@ -49,7 +49,7 @@ reproduce: setup ## Table 1 with palign's numbers and plots, both protocols (MOD
 	$(call reproduce_steps,experiment=$(REPRO_EXP) model=$(MODEL))
 
 reproduce-smoke: REPRO_OUT ?= outputs/reproduce_smoke
-reproduce-smoke: setup ## The reproduce pipeline in 1-2 min on the tiny random model (numbers meaningless)
+reproduce-smoke: setup ## The reproduce pipeline in ~3 min (2 cores) on the tiny random model (numbers meaningless)
 	$(call reproduce_steps,experiment=reproduce_smoke)
 
 test: setup ## Run the whole test suite (includes the embedded-model integration tests)
