@@ -249,3 +249,13 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
     assert len((out / "compare" / "no_change.jsonl").read_text().splitlines()) == 2
     assert ("ON THE TEST ITEMS" in report) == (protocol == "paper")
     assert summary["timing"]["probes_s_per_subject"] > 0
+
+
+def test_a_compared_llm_method_loads_the_model_for_a_baseline_run(cfg_factory):
+    """method=item_mean needs no model; compare=[no_change] does: the model is loaded for it."""
+    cfg = cfg_factory(
+        "model=tiny_llama", "method=item_mean", "compare=[no_change]", "dataset.limit=1"
+    )
+    summary = run(cfg)
+    assert summary["model"] == "tiny_llama" and summary["compare"]["no_change"]["n_subjects"] == 1
+    assert np.isfinite(summary["compare"]["no_change"]["score"])
