@@ -139,6 +139,6 @@ def test_scoring_shows_a_bar_over_batches(papi, make_scorer, capsys):
     items = papi.inventory.test_items[:40]
     scorer.score(NEUTRAL_SYSTEM_PROMPT, items)
     err = capsys.readouterr().err
-    assert "logit 40 prompts" in err and "3/3" in err  # ceil(40 / 16) batches
+    assert "logit 40 prompts" in err and "0/3 [" in err  # a bar over ceil(40 / 16) batches
     scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:5])  # one batch: no bar
     assert "prompts" not in capsys.readouterr().err
