@@ -3,6 +3,7 @@ any directory; a user's own config dir adds a method."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,9 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory) -> Path:
     """A fresh venv with palign's wheel installed (its dependencies: this interpreter's)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy: building writes build/ and egg-info beside the sources
+    shutil.copytree(
+        ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp / "dist"), str(ROOT)],
+         "-w", str(tmp / "dist"), str(source)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     (wheel,) = (tmp / "dist").glob("palign-*.whl")
