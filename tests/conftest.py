@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from palign import CONF_DIR
 from palign.data import load_papi, locate_papi
 from palign.errors import DataError
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.models import load_random
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 TINY_LLAMA = dict(
     model_type="llama",

@@ -24,12 +24,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 import palign.__main__ as app
-from palign import generate, merge, reproduce, sweep
+from palign import CONF_DIR, generate, merge, reproduce, sweep
 from palign.data import check as data_check
 from palign.data.papi import locate_papi
 from palign.run import run
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["model=tiny_llama", "hardware=cpu"]
 ENTRIES: dict[str, Callable] = {
     "palign": app.main,

@@ -252,32 +252,14 @@ def evaluate(
     :func:`align`), aligning is skipped and it answers with that one. Where the method leaves a
     hyper-parameter to the evaluation (protocol=paper: PAS's alpha), it is chosen on the test
     items, recorded in the artifact and labelled in ``row["selected_on_test_items"]``."""
-    import time
-
-    from palign.run import answers_of, evaluate_group
+    from palign.run import evaluate_group
 
     subject = _subject(subject, data)
     context = getattr(method, "context", None)
     meter = context.scorer.loaded.meter if context is not None and context.scorer else None
-    if artifact is None:
-        row, artifact, table = evaluate_group(method, [subject], data.inventory, meter)[0]
-        return Evaluation(table_metrics(table).to_dict(), table, artifact, row)
-    seen = subject.seen_only(data.inventory.train)
-    start = time.perf_counter()
-    answer = method.answer_group([seen], [artifact], data.inventory.test_items)[0]
-    elapsed = time.perf_counter() - start
-    table, selected_on_test = answers_of(method.name, subject, data.inventory, answer, artifact)
-    metrics = table_metrics(table).to_dict()
-    info = {k: v for k, v in artifact.meta.items() if k != "timing"}
-    row = {
-        "case": subject.case,
-        "method": method.name,
-        **metrics,
-        "timing": {"eval_s": elapsed},
-        **({"align_info": info} if info else {}),
-        **({"selected_on_test_items": selected_on_test} if selected_on_test else {}),
-    }
-    return Evaluation(metrics, table, artifact, row)
+    given = None if artifact is None else [artifact]
+    row, artifact, table = evaluate_group(method, [subject], data.inventory, meter, given)[0]
+    return Evaluation(table_metrics(table).to_dict(), table, artifact, row)
 
 
 # --- artifacts ---------------------------------------------------------------------------------

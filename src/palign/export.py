@@ -96,10 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from hydra import compose, initialize_config_dir
 
         from palign import CONF_DIR
+        from palign.api import available
         from palign.run import build
 
         model = args.model or profile.model
-        names = sorted(f.stem for f in (CONF_DIR / "model").glob("*.yaml"))
+        names = available("model")
         if model not in names:
             raise ConfigError(
                 f"--model {model}: no such model config (one of {', '.join(names)})",

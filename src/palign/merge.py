@@ -15,7 +15,7 @@ import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from palign.data.papi import load_papi
 from palign.errors import ConfigError, RunDirError, cli
@@ -24,16 +24,6 @@ from palign.run import baseline_rows, build, method_config, select, summarize, w
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
 
 log = logging.getLogger("palign")
-
-
-def _load_config(run_dir: Path) -> DictConfig:
-    path = RunDir(run_dir).config
-    if not path.is_file():
-        raise RunDirError(f"{run_dir}: not a palign run dir (no config.yaml)")
-    try:
-        return OmegaConf.load(path)
-    except Exception as e:  # YAML syntax or encoding: the file is named, not a traceback
-        raise RunDirError(f"{path}: not a readable config ({type(e).__name__})") from None
 
 
 def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
@@ -56,7 +46,7 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
             )
         log.info("%s: an earlier merge of the same shards, merged again", out_dir)
     out.check_writable()
-    configs = [_load_config(d) for d in shard_dirs]
+    configs = [shard.read_config() for shard in shards]
     ignore = (*RESUME_FREE_KEYS, "dataset.shard")
     for d, c in zip(shard_dirs[1:], configs[1:]):
         diff = config_differences(configs[0], c, ignore)

@@ -50,6 +50,7 @@ def evaluate_group(
     subjects: Sequence[Subject],
     inventory: Inventory,
     meter: CostMeter | None = None,
+    artifacts: Sequence[Artifact] | None = None,
 ) -> list[tuple[dict, Artifact, pd.DataFrame]]:
     """Align ``method`` on the subjects' alignment items, answer the test items, score them:
     one result row, artifact and answers table (:mod:`palign.eval.answers`) per subject. The
@@ -58,11 +59,13 @@ def evaluate_group(
     so (``selected_on_test_items``). The subjects go through the method together (a method
     that batches subjects does so); each row gets an equal share of the group's time and of the
     forwards ``meter`` counted (``cost``: forward calls, tokens forwarded, generated tokens, for
-    aligning and for answering)."""
+    aligning and for answering). With ``artifacts`` (one per subject) nothing is aligned: the
+    subjects are answered with those."""
     n = len(subjects)
     seen = [s.seen_only(inventory.train) for s in subjects]
     start, cost0 = time.perf_counter(), meter.snapshot() if meter else None
-    artifacts = method.align_group(seen, inventory.train_items)
+    if artifacts is None:  # given: answer with them, nothing aligned
+        artifacts = method.align_group(seen, inventory.train_items)
     aligned, cost1 = time.perf_counter(), meter.snapshot() if meter else None
     answers = method.answer_group(seen, artifacts, inventory.test_items)
     done, cost2 = time.perf_counter(), meter.snapshot() if meter else None

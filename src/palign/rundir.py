@@ -223,6 +223,17 @@ class RunDir:
             )
         return summary
 
+    def read_config(self) -> DictConfig:
+        """``config.yaml``; a :class:`RunDirError` names it when it is missing or unreadable."""
+        if not self.config.is_file():
+            raise RunDirError(f"{self.path}: not a palign run dir (no config.yaml)")
+        try:
+            return OmegaConf.load(self.config)
+        except Exception as e:  # YAML syntax or encoding: the file is named, not a traceback
+            raise RunDirError(
+                f"{self.config}: not a readable config ({type(e).__name__})"
+            ) from None
+
     def read_rows(self, method: str, main: str) -> list[dict]:
         """The rows of ``method`` in subject order (``results.jsonl`` / ``compare/``)."""
         path = self.rows_file(method, main)
@@ -285,11 +296,7 @@ def check_resume(cfg: DictConfig, run_dir: RunDir) -> None:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return
         raise RunDirError(f"resume={resume}: no palign run in {out_dir} (no config.yaml)")
-    try:
-        saved = OmegaConf.load(saved_path)
-    except Exception as e:  # YAML syntax or encoding: the file is named, not a traceback
-        raise RunDirError(f"{saved_path}: not a readable config ({type(e).__name__})") from None
-    diff = config_differences(saved, cfg, RESUME_FREE_KEYS)
+    diff = config_differences(run_dir.read_config(), cfg, RESUME_FREE_KEYS)
     if diff:
         raise RunDirError(
             f"resume={resume}: the config differs from the run's {saved_path} at "

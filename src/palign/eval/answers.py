@@ -20,7 +20,6 @@ recomputing them from the files gives the run's numbers exactly.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import pandas as pd
 from palign.constants import OPTION_LETTERS
 from palign.data.papi import Item
 from palign.eval.metrics import SubjectMetrics, metrics_of
+from palign.rundir import write_atomic
 
 PROB_COLUMNS = tuple(f"p_{letter}" for letter in OPTION_LETTERS)
 COLUMNS = (
@@ -90,10 +90,7 @@ def table_metrics(table: pd.DataFrame) -> SubjectMetrics:
 
 def write_table(path: Path, table: pd.DataFrame) -> None:
     """Write ``table`` to ``path`` atomically (readers see no file or the whole file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_atomic(path, table.to_csv(index=False))
 
 
 def read_table(path: Path) -> pd.DataFrame:
