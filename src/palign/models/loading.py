@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,15 +117,64 @@ def embedded_gguf_path(package: str = EMBEDDED_PACKAGE, gguf_file: str = EMBEDDE
     return path
 
 
+#: The conversion's phases and their typical shares of its time (measured on 2 CPU cores:
+#: ~4 s tokenizer, ~11.5 s GGUF metadata + tensor-name map, ~2.5 s dequantising, ~2.3 s
+#: float32 model, ~1.4 s saving), for :class:`palign.progress.PhaseBar`'s ETA.
+CONVERSION_PHASES = {
+    "reading tokenizer": 4.0,
+    "reading GGUF weights": 11.5,
+    "dequantising tensors": 2.5,
+    "building float32 model": 2.3,
+    "saving safetensors": 1.4,
+}
+CONVERSION_SECONDS = 22.0
+
+
+@contextmanager
+def _gguf_progress(bar):
+    """Route transformers' own GGUF tensor bar into ``bar`` and silence its other bars.
+
+    transformers' legacy GGUF loader (``load_gguf_checkpoint``) wraps its loop over the file's
+    tensors in ``tqdm.auto.tqdm`` (a second bar, whose ETA covers only that loop); here the
+    loop drives ``bar``'s "dequantising tensors" phase instead. Its "Loading weights" and
+    "Writing model shards" bars (``transformers.utils.logging.tqdm``) are turned off meanwhile.
+    """
+    from transformers.utils import logging as hf_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without the legacy loader
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = lambda iterable, *a, **k: bar.items("dequantising tensors", iterable)
+    enabled = hf_logging.is_progress_bar_enabled()
+    if enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def converted_gguf_dir(
     package: str = EMBEDDED_PACKAGE, gguf_file: str = EMBEDDED_FILE, cache_dir: str | None = None
 ) -> Path:
     """Folder holding the GGUF model of ``package`` dequantised to float32 safetensors + tokenizer.
 
-    The first call converts the GGUF file (~25 s for SmolLM2-135M) into :func:`cache_root`;
-    later calls return the cached folder, which loads in about a second.
+    The first call converts the GGUF file (~25 s for SmolLM2-135M on 2 CPU cores) into
+    :func:`cache_root`; later calls return the cached folder, which loads in about a second.
+    The conversion shows one tqdm bar (stderr, ``converting <file>``) in percent with an ETA
+    across its phases (:data:`CONVERSION_PHASES`): the current phase is the bar's postfix,
+    and while dequantising it counts the GGUF tensors (``dequantising tensors i/N``);
+    transformers' own bars are routed into it or hidden (:func:`_gguf_progress`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palign.progress import PhaseBar
 
     path = embedded_gguf_path(package, gguf_file)
     stat = path.stat()
@@ -136,23 +186,31 @@ def converted_gguf_dir(
         return target
     start = time.perf_counter()
     log.info("Converting %s (first use; cached in %s)", path.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    )
-    config = gguf_model.config
-    del config.quantization_config  # the dequantised weights are plain tensors
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process published it first
-        import shutil
+    with (
+        PhaseBar(f"converting {path.name}", CONVERSION_PHASES, CONVERSION_SECONDS) as bar,
+        _gguf_progress(bar),
+    ):
+        with bar.phase("reading tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with bar.phase("reading GGUF weights"):  # its tensor loop is "dequantising tensors"
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            )
+        with bar.phase("building float32 model"):
+            config = gguf_model.config
+            del config.quantization_config  # the dequantised weights are plain tensors
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model.load_state_dict(gguf_model.state_dict())
+        with bar.phase("saving safetensors"):
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process published it first
+                import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)
     log.info("Converted in %.1f s", time.perf_counter() - start)
     return target
 
