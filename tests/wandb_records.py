@@ -38,9 +38,17 @@ def _records(path: Path) -> list[bytes]:
 
 def read_wandb_run(run_dir: Path) -> dict:
     """The single offline W&B run under ``run_dir/wandb``: its run fields, final summary,
-    history rows, artifacts (name -> file paths) and exit code."""
+    history rows, metric definitions (metric name or glob -> its ``step_metric``, "" for the
+    default axis; the last definition of each), artifacts (name -> file paths) and exit code."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    out = {"run": {}, "summary": {}, "history": [], "artifacts": {}, "exit_code": None}
+    out = {
+        "run": {},
+        "summary": {},
+        "history": [],
+        "metrics": {},
+        "artifacts": {},
+        "exit_code": None,
+    }
     for raw in _records(path):
         record = pb.Record()
         record.ParseFromString(raw)
@@ -48,7 +56,11 @@ def read_wandb_run(run_dir: Path) -> dict:
         if kind == "run":
             r = record.run
             out["run"] = dict(
-                group=r.run_group, project=r.project, tags=list(r.tags), display_name=r.display_name
+                group=r.run_group,
+                project=r.project,
+                tags=list(r.tags),
+                display_name=r.display_name,
+                job_type=r.job_type,
             )
         elif kind == "summary":
             for item in record.summary.update:
@@ -60,9 +72,22 @@ def read_wandb_run(run_dir: Path) -> dict:
                     for i in record.history.item
                 }
             )
+        elif kind == "metric":
+            m = record.metric
+            out["metrics"][m.name or m.glob_name] = m.step_metric
         elif kind == "artifact":
             contents = record.artifact.manifest.contents
             out["artifacts"][record.artifact.name] = [c.path for c in contents]
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
     return out
+
+
+def read_wandb_table(run_dir: Path, key: str) -> dict:
+    """The last ``wandb.Table`` logged under ``key`` by the offline W&B run under
+    ``run_dir/wandb``, from its ``files/`` dir: ``{"columns": [...], "data": [[...], ...]}``.
+    (History holds a table as nested keys ``<key>/_type``, ``<key>/path``, ...)"""
+    (files,) = run_dir.glob("wandb/offline-run-*/files")
+    refs = [h for h in read_wandb_run(run_dir)["history"] if f"{key}/path" in h]
+    assert refs and refs[-1][f"{key}/_type"] == "table-file", f"no table {key} in {run_dir}"
+    return json.loads((files / refs[-1][f"{key}/path"]).read_text())

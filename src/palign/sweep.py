@@ -3,6 +3,8 @@
 
 Written by the Hydra callback :class:`SweepTable` when a multirun ends (any launcher or sweeper),
 and by ``python -m palign.sweep <sweep dir>`` for sweeps run outside Hydra (SLURM array jobs).
+When the sweep's jobs log to W&B, the callback also logs the table as a ``wandb.Table`` in one
+extra W&B run of the sweep's group (:func:`log_to_wandb`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from palign.constants import TRAITS
 from palign.errors import RunDirError, cli
 from palign.html import write_page
 from palign.rundir import RunDir
+from palign.tracking import RunTracker
 
 log = logging.getLogger("palign")
 
@@ -122,13 +125,38 @@ def write_table(sweep_dir: Path) -> Path | None:
     return path
 
 
+def log_to_wandb(config: DictConfig, sweep_dir: Path) -> bool:
+    """Log the sweep table (the rows of :func:`collect`, cells in :data:`COLUMNS` order) as the
+    ``wandb.Table`` ``sweep_table`` of one W&B run for the sweep (``job_type`` ``sweep``, in the
+    group of its jobs, see :meth:`RunTracker.for_sweep`), then finish that run. ``config`` is
+    the sweep's config; returns False (and logs nothing) when its ``logger`` has no W&B logger
+    or no job has a summary."""
+    rows, _ = collect(sweep_dir)
+    tracker = RunTracker.for_sweep(config, sweep_dir) if rows else RunTracker()
+    if not tracker.loggers:
+        return False
+    ok = False
+    try:
+        tracker.table("sweep_table", COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
+        ok = True
+    finally:
+        tracker.close(ok)
+    log.info(
+        "Sweep table logged to W&B (a run of job_type sweep, files in %s)", sweep_dir / "wandb"
+    )
+    return True
+
+
 class SweepTable(Callback):
-    """Hydra callback: the sweep table at the sweep root when a multirun ends."""
+    """Hydra callback: the sweep table at the sweep root when a multirun ends, and as a W&B
+    table when the jobs log to W&B."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = write_table(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        path = write_table(sweep_dir)
         if path is not None:
             print(path.read_text())
+            log_to_wandb(config, sweep_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
