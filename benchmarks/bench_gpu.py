@@ -305,7 +305,7 @@ def dpo_settings(steps: int, precision: str, seed: int) -> dict:
     from omegaconf import OmegaConf
 
     settings = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/dpo.yaml"))
-    for key in ("_target_", "seed", "precision"):
+    for key in ("defaults", "_target_", "name", "seed", "precision"):
         settings.pop(key, None)
     return {**settings, "steps": steps, "precision": precision, "seed": seed}
 

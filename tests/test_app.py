@@ -198,7 +198,7 @@ def test_cli_statistical_method(tmp_path):
             "scoring.mode='sample' is not one of",
         ),
         (["dataset.cases=[1,2]"], "dataset.cases: unknown case id(s) [1, 2]"),
-        (["method=trait_mean", "compare=[nope]"], "compare: unknown method 'nope'"),
+        (["method=trait_mean", "compare=[nope]"], "compare[0]: unknown method 'nope'"),
         (
             ["model=tiny_llama", "method=dpo_cpu", "method.batch_size=6", "dataset.limit=1"],
             "method.batch_size=6 is not a multiple of method.micro_batch_size=4",

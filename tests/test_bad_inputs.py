@@ -107,7 +107,7 @@ class Ctx:
         return self.finished / "artifacts" / "pas" / str(self.case) / "profile.json"
 
     def adapter(self) -> Path:
-        return self.finished / "artifacts" / "dpo" / str(self.case)
+        return self.finished / "artifacts" / "dpo_smoke" / str(self.case)
 
 
 def _palign(*args: str, out: str = "run") -> Callable[[Ctx], list[str]]:
@@ -189,7 +189,7 @@ def _summary_edit(change: Callable[[dict], object]):
 def _answers_edit(kind: str):
     def build(c: Ctx) -> list[str]:
         copy = c.copy()
-        path = copy / "answers" / "dpo" / f"{c.case}.csv"
+        path = copy / "answers" / "dpo_smoke" / f"{c.case}.csv"
         if kind == "remove":
             path.unlink()
         else:
@@ -416,7 +416,7 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
     (
         "compare_repeat_names",
         "palign",
-        _palign("method=dpo_cpu", "compare=[dpo]"),
+        _palign("method=dpo_cpu", "compare=[{method:dpo,name:dpo_cpu}]"),
         ("compare=", "repeat"),
         1,
     ),
@@ -557,7 +557,7 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
         lambda c: [
             "--out",
             str(c.tmp / "m"),
-            str(_shard(c, lambda p: shutil.rmtree(p / "results" / "dpo"))),
+            str(_shard(c, lambda p: shutil.rmtree(p / "results" / "dpo_smoke"))),
         ],
         ("in no shard's results",),
         1,
@@ -617,12 +617,18 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
         ("both protocol=clean",),
         1,
     ),
-    ("reproduce_answers_edited", "reproduce", _answers_edit("edit"), ("dpo", "other metrics"), 1),
+    (
+        "reproduce_answers_edited",
+        "reproduce",
+        _answers_edit("edit"),
+        ("dpo_smoke", "other metrics"),
+        1,
+    ),
     (
         "reproduce_answers_removed",
         "reproduce",
         _answers_edit("remove"),
-        ("answers/dpo/", "missing"),
+        ("answers/dpo_smoke/", "missing"),
         1,
     ),
     (
@@ -726,7 +732,7 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
         "generate",
         lambda c: [
             *TINY,
-            f"adapter={_shard(c, lambda p: (p / 'artifacts' / 'dpo' / str(c.case) / 'adapter.json').write_text('[]')) / 'artifacts' / 'dpo' / str(c.case)}",
+            f"adapter={_shard(c, lambda p: (p / 'artifacts' / 'dpo_smoke' / str(c.case) / 'adapter.json').write_text('[]')) / 'artifacts' / 'dpo_smoke' / str(c.case)}",
         ],
         ("adapter.json", "not a palign adapter"),
         1,
@@ -736,7 +742,7 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
         "generate",
         lambda c: [
             *TINY,
-            f"adapter={_shard(c, lambda p: (p / 'artifacts' / 'dpo' / str(c.case) / 'adapter_model.safetensors').write_bytes(b'garbage')) / 'artifacts' / 'dpo' / str(c.case)}",
+            f"adapter={_shard(c, lambda p: (p / 'artifacts' / 'dpo_smoke' / str(c.case) / 'adapter_model.safetensors').write_bytes(b'garbage')) / 'artifacts' / 'dpo_smoke' / str(c.case)}",
         ],
         ("adapter_model.safetensors", "not a readable adapter"),
         1,

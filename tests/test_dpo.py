@@ -139,7 +139,9 @@ def test_dpo_end_to_end(cfg_factory):
     out = Path(cfg.paths.output_dir)
     row = json.loads((out / "results.jsonl").read_text())
     assert (
-        row["method"] == "dpo" and row["timing"]["train_s"] > 0 and row["align_info"]["steps"] == 3
+        row["method"] == "dpo_cpu"
+        and row["timing"]["train_s"] > 0
+        and row["align_info"]["steps"] == 3
     )
     assert (
         out / "artifacts" / row["method"] / str(row["case"]) / "adapter_model.safetensors"

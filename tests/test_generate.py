@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from palign.errors import ArtifactError
 from palign.generate import generate_pair, profile_applied
 from palign.methods.lora import adapter_applied
 from palign.pas.heads import PASError, head_layout
@@ -66,7 +67,7 @@ def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
         "model=tiny_llama", "method=dpo_cpu", "method.steps=4", "method.lr=0.05", "dataset.limit=1"
     )
     summary = run(cfg)
-    folder = Path(cfg.paths.output_dir) / "artifacts" / "dpo" / str(summary["cases"][0])
+    folder = Path(cfg.paths.output_dir) / "artifacts" / "dpo_cpu" / str(summary["cases"][0])
     history = json.loads((folder / "train_history.json").read_text())
     assert len(history) == 4 * 2 and {"loss", "margin", "reward_acc"} <= set(history[0])
     loaded = load_random("tiny_llama", TINY_LLAMA, seed=0)
@@ -88,7 +89,7 @@ def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
     assert isinstance(base, str) and isinstance(aligned, str)
     other = load_random("tiny_other", TINY_LLAMA, seed=0)
     with pytest.raises(
-        PASError, match="adapter was trained on model 'tiny_llama', not 'tiny_other'"
+        ArtifactError, match="adapter was trained on model 'tiny_llama', not 'tiny_other'"
     ):
         with adapter_applied(other, folder):
             pass

@@ -17,10 +17,11 @@ from omegaconf import OmegaConf, open_dict
 from palign.data.papi import select_subjects
 from palign.errors import ConfigError, RunDirError
 from palign.merge import merge
-from palign.run import build, check_objective, objective, run
+from palign.run import build_method, check_objective, objective, run
 from palign.rundir import RunDir
+from palign.sweep import COLUMNS, log_to_wandb
 from palign.tracking import RunTracker
-from wandb_records import read_wandb_run
+from wandb_records import read_wandb_run, read_wandb_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model=tiny_llama", "hardware=cpu")
@@ -74,7 +75,7 @@ def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path):
         "logger=wandb",
         f"hydra.sweep.dir={sweep}",
     )
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p.parent.name for p in sweep.glob("*/config.yaml"))
     assert jobs == ["0_no_change_tiny_llama", "1_trait_mean_tiny_llama"]
     summaries = [json.loads((sweep / j / "summary.json").read_text()) for j in jobs]
     table = (sweep / "sweep_table.md").read_text()
@@ -201,7 +202,7 @@ def test_resume_refuses_another_config_and_unknown_dirs(cfg_factory, tmp_path):
     missing = cfg_factory(*TINY, "method=no_change", f"resume={tmp_path}/nothing", out="nothing")
     with pytest.raises(RunDirError, match="no palign run"):
         run(missing)
-    twice = cfg_factory(*TINY, "method=dpo_cpu", "compare=[dpo]", out="twice")
+    twice = cfg_factory(*TINY, "method=dpo_cpu", "compare=[{method:dpo,name:dpo_cpu}]", out="twice")
     with pytest.raises(ConfigError, match="names .* repeat"):
         run(twice)
 
@@ -254,11 +255,11 @@ def test_optuna_sweep_minimises_the_selection_score(tmp_path):
 def test_objective_refuses_test_scores_and_test_item_selection(cfg_factory):
     cfg = cfg_factory(*TINY, "method=pas", "optimized_metric=score")
     with pytest.raises(ConfigError, match="leak the test items"):
-        check_objective(cfg, build(cfg.method))
+        check_objective(cfg, build_method(cfg.method))
     cfg = cfg_factory(*TINY, "method=pas", "protocol=paper", "optimized_metric=selection_score")
     paper = {"selection_score": None, "method": "pas", "protocol": {"name": "paper"}}
     with pytest.raises(ConfigError, match="needs protocol=clean"):
-        check_objective(cfg, build(cfg.method))
+        check_objective(cfg, build_method(cfg.method))
     assert objective(OmegaConf.create({"optimized_metric": None}), paper) is None
 
 
@@ -285,3 +286,117 @@ def test_several_loggers_at_once_and_saved_profiles_as_wandb_artifacts(cfg_facto
         files for name, files in wandb_run["artifacts"].items() if name.startswith("pas-")
     ]
     assert f"pas/{case}/profile.json" in profiles and f"pas/{case}/profile.safetensors" in profiles
+
+
+def test_wandb_plots_subjects_and_training_steps_on_their_own_axes(cfg_factory, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = cfg_factory(
+        *TINY, "method=dpo_smoke", "compare=[no_change]", "dataset.limit=2", "logger=many"
+    )
+    summary = run(cfg)
+    dpo = summary["method"]
+    out = Path(cfg.paths.output_dir)
+    logged = read_wandb_run(out)
+    axes, history = logged["metrics"], logged["history"]
+    # Each method's subject metrics are plotted against its own subject counter, its training
+    # curves against its own optimiser-step counter; the counters themselves on the default axis.
+    for method in (dpo, *summary["compare"]):
+        subject_keys = [f"{method}/{k}" for k in ("score", "case", "unk_rate", "align_s")]
+        for key in subject_keys + [f"{method}/mae_{t}" for t in "ACENO"]:
+            assert axes[key] == f"{method}/subject", key
+        assert axes[f"{method}/subject"] == ""
+        scored = [h for h in history if f"{method}/score" in h]
+        assert [h[f"{method}/subject"] for h in scored] == [1, 2]
+        assert [h[f"{method}/case"] for h in scored] == summary["cases"]
+    train_step = f"{dpo}/train/step"
+    curve_keys = {k for h in history for k in h if k.startswith(f"{dpo}/train/")} - {train_step}
+    assert {f"{dpo}/train/loss", f"{dpo}/train/margin"} <= curve_keys
+    assert {k: axes[k] for k in curve_keys} == dict.fromkeys(curve_keys, train_step)
+    assert axes[train_step] == ""
+    assert not any("no_change/train/" in k for h in history for k in h)
+    # Two optimiser steps per subject, counted on across the two subjects, with the losses of
+    # each subject's saved training history in order.
+    curves = [
+        json.loads((RunDir(out).artifacts(dpo) / str(c) / "train_history.json").read_text())
+        for c in summary["cases"]
+    ]
+    trained = [h for h in history if f"{dpo}/train/loss" in h]
+    assert [h[train_step] for h in trained] == [1, 2, 3, 4]
+    assert [h[f"{dpo}/train/loss"] for h in trained] == pytest.approx(
+        [e["loss"] for curve in curves for e in curve]
+    )
+    # Summary metrics keep Lightning's axis; the W&B step still increases by one per call.
+    assert axes.get(f"summary/{dpo}/score", "trainer/global_step") == "trainer/global_step"
+    assert [h["_step"] for h in history] == list(range(len(history)))
+    # CSV gets the counters as columns, on the same rows as their metrics.
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r[f"{dpo}/subject"])) for r in rows if r[f"{dpo}/score"]] == [1, 2]
+    assert [int(float(r[train_step])) for r in rows if r[f"{dpo}/train/loss"]] == [1, 2, 3, 4]
+
+
+def test_a_resumed_tracker_continues_the_counters_of_its_csv_log(cfg_factory):
+    cfg = cfg_factory(*TINY, "logger=csv")
+    run_dir = RunDir(cfg.paths.output_dir)
+    run_dir.path.mkdir(parents=True)
+    row = {
+        "method": "dpo",
+        "case": 1,
+        "mae": dict.fromkeys("ACENO", 1.0),
+        "score": 5.0,
+        "unk_rate": 0.0,
+        "timing": {"align_s": 0.0, "eval_s": 1.0},
+    }
+    first = RunTracker.from_config(cfg, "dpo", run_dir)
+    first.subject(row, history=[{"loss": 0.7}, {"loss": 0.5}])
+    first.subject({**row, "method": "few_shot"})
+    first.close(ok=False)
+    resumed = RunTracker.from_config(cfg, "dpo", run_dir)
+    assert resumed.step == 4
+    assert resumed.counters == {"dpo/subject": 1, "dpo/train/step": 2, "few_shot/subject": 1}
+    resumed.subject({**row, "case": 2}, history=[{"loss": 0.3}])
+    resumed.close(ok=True)
+    with open(run_dir.path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert [r["dpo/train/step"] for r in rows if r["dpo/train/loss"]] == ["1", "2", "3"]
+    assert [(r["dpo/subject"], r["dpo/case"]) for r in rows if r["dpo/score"]] == [
+        ("1", "1"),
+        ("2", "2"),
+    ]
+
+
+def test_multirun_logs_its_sweep_table_to_one_more_wandb_run(cfg_factory, tmp_path):
+    sweep = tmp_path / "sweep"
+    palign(
+        "-m",
+        *TINY,
+        "method=no_change,trait_mean",
+        "dataset.limit=2",
+        "logger=many",  # W&B as one entry of a mapping of loggers
+        f"hydra.sweep.dir={sweep}",
+    )
+    with open(sweep / "sweep_table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) > 2  # the two jobs' methods and the statistical baselines
+    logged = read_wandb_run(sweep)  # the sweep's own run, beside the jobs' runs
+    jobs = [
+        read_wandb_run(sweep / j) for j in ("0_no_change_tiny_llama", "1_trait_mean_tiny_llama")
+    ]
+    assert logged["run"]["group"] == jobs[0]["run"]["group"] == f"eval/{sweep.name}"
+    assert logged["run"]["job_type"] == "sweep" and jobs[0]["run"]["job_type"] == "eval"
+    assert logged["run"]["project"] == "palign" and "sweep" in logged["run"]["tags"]
+    assert logged["exit_code"] == 0
+    table = read_wandb_table(sweep, "sweep_table")
+    assert table["columns"] == COLUMNS
+    assert len(table["data"]) == len(rows)
+    for cells, row in zip(table["data"], rows):
+        logged_row = dict(zip(COLUMNS, cells))
+        assert (logged_row["job"], logged_row["method"]) == (row["job"], row["method"])
+        assert logged_row["score"] == pytest.approx(float(row["score"]))
+        assert logged_row["subjects"] == int(row["subjects"]) == 2
+    # Without a W&B logger in the sweep's config nothing more is logged.
+    before = sorted(p.relative_to(sweep) for p in sweep.rglob("*"))
+    assert log_to_wandb(cfg_factory(*TINY, "logger=csv"), sweep) is False
+    assert sorted(p.relative_to(sweep) for p in sweep.rglob("*")) == before

@@ -12,7 +12,7 @@ from palign.methods.dpo import DPO
 from palign.methods.pas import PAS
 from palign.methods.ppo import PPO
 from palign.pas.heads import PASError
-from palign.run import build
+from palign.run import build_method
 
 #: (method config, key, override value, the value as the message shows it, error class).
 BAD = [
@@ -109,7 +109,7 @@ BAD = [
 def test_a_bad_method_value_is_one_config_error_line(cfg_factory, method, key, value, shown, error):
     cfg = cfg_factory(f"method={method}", f"method.{key}={value}")
     with pytest.raises(ConfigError) as caught:
-        build(cfg.method)
+        build_method(cfg.method)
     assert type(caught.value) is error
     message = str(caught.value)
     assert "\n" not in message
@@ -148,7 +148,7 @@ GOOD = [
 @pytest.mark.parametrize(("method", "overrides"), GOOD, ids=[f"{m}:{','.join(o)}" for m, o in GOOD])
 def test_values_at_the_edge_are_accepted(cfg_factory, method, overrides):
     cfg = cfg_factory(f"method={method}", *overrides)
-    built = build(cfg.method)
+    built = build_method(cfg.method)
     for override in overrides:
         key, _, value = override.partition("=")
         if key == "method.steps":

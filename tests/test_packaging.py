@@ -1,6 +1,7 @@
 """palign as a library: the wheel carries the configs and the `palign` command, and runs from
 any directory; a user's own config dir adds a method."""
 
+import csv
 import json
 import os
 import shutil
@@ -85,3 +86,61 @@ def test_a_wheel_install_runs_from_another_directory(installed, tmp_path):
         cwd=tmp_path, env=_env(),
     )  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.strip().endswith("is not a directory")
+
+
+def _run(args: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=_env(),
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_from_the_wheel_a_sweep_runs_and_its_artifacts_load_with_peft_and_transformers(
+    installed, tmp_path
+):
+    """The user's path from a wheel in a fresh venv: a Hydra sweep (two PAS settings, each beside
+    DPO) with its progress on stderr and its sweep table; then the DPO adapter loaded with
+    PeftModel.from_pretrained and the PAS profile exported and loaded with AutoModelForCausalLM,
+    all in that venv, from another directory."""
+    python, palign = installed / "bin" / "python", installed / "bin" / "palign"
+    sweep = tmp_path / "sweep"
+    done = _run(
+        [palign, "-m", "model=tiny_llama", "method=pas", "method.top_k=2,4", "method.folds=2",
+         "method.alphas=[0,1]", "compare=[dpo_smoke]", "dataset.limit=1",
+         f"hydra.sweep.dir={sweep}"],
+        tmp_path,
+    )  # fmt: skip
+    for shown in ("pas subjects", "dpo_smoke subjects", "dpo_smoke case"):
+        assert shown in done.stderr  # the subjects' and the training steps' bars
+    rows = list(csv.DictReader(open(sweep / "sweep_table.csv", newline="")))
+    assert [(r["job"][:1], r["method"]) for r in rows[:4]] == [
+        ("0", "pas"), ("0", "dpo_smoke"), ("1", "pas"), ("1", "dpo_smoke")
+    ]  # fmt: skip
+    assert "method.top_k=2" in rows[0]["overrides"].split()
+    assert "method.top_k=4" in rows[2]["overrides"].split()
+    job = next(p for p in sweep.iterdir() if p.name.startswith("0"))
+    (adapter,) = (job / "artifacts" / "dpo_smoke").iterdir()
+    (profile,) = (job / "artifacts" / "pas").glob("*/profile.json")
+    peft = _run(
+        [python, "-c",
+         "import sys; from peft import PeftModel; from palign import api\n"
+         "model = PeftModel.from_pretrained(api.load_model('tiny_llama').model, sys.argv[1])\n"
+         "lora_b = [p for n, p in model.named_parameters() if 'lora_B' in n]\n"
+         "print(model.peft_config['default'].r, len(lora_b), sum(int(p.abs().sum() > 0) for p in lora_b))",
+         adapter],
+        tmp_path,
+    )  # fmt: skip
+    assert peft.stdout.split() == ["16", "8", "8"]  # 4 projections x 2 layers, all trained
+    exported = tmp_path / "exported"
+    _run([palign, "export", "--profile", profile, "--out", exported, "--alpha", "1"], tmp_path)
+    loaded = _run(
+        [python, "-c",
+         "import sys; from transformers import AutoModelForCausalLM\n"
+         "model = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+         "print(sum(int(layer.self_attn.o_proj.bias.abs().sum() > 0) for layer in model.model.layers))",
+         exported],
+        tmp_path,
+    )  # fmt: skip
+    assert int(loaded.stdout.split()[-1]) >= 1  # the shifted heads' biases, folded in

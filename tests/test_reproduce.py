@@ -21,9 +21,16 @@ from palign.reproduce import ReproduceError, confusion, reproduce, standard_erro
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("paper", "clean")
 TRAITS = ("A", "C", "E", "N", "O")
-LLM_ROWS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo (2 steps)", "ppo (2 steps)")
+LLM_ROWS = (
+    "pas",
+    "no_change",
+    "few_shot",
+    "personality_prompt",
+    "dpo_smoke (2 steps)",
+    "ppo_smoke (2 steps)",
+)
 BASELINE_ROWS = ("constant (no LLM)", "trait_mean (no LLM)", "item_mean (no LLM)")
-METHODS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo", "ppo")
+METHODS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo_smoke", "ppo_smoke")
 BASELINES = ("constant", "trait_mean", "item_mean")
 PLOTS = (
     "trait_errors",
@@ -57,7 +64,7 @@ def _summary(run: Path) -> dict:
 
 def _entries(summary: dict) -> dict[str, dict]:
     """Row label in table.md -> the aggregate summary.json holds for it."""
-    steps = {"dpo": "dpo (2 steps)", "ppo": "ppo (2 steps)"}
+    steps = {"dpo_smoke": "dpo_smoke (2 steps)", "ppo_smoke": "ppo_smoke (2 steps)"}
     out = {summary["method"]: summary}
     out.update({steps.get(k, k): v for k, v in summary["compare"].items()})
     out.update({f"{k} (no LLM)": v for k, v in summary["baselines"].items()})
@@ -90,7 +97,7 @@ def test_table_has_every_method_with_the_runs_numbers(smoke, papi):
         (section,) = [s for s in sections if s.startswith(f"protocol={protocol}:")]
         assert "**The paper has no numbers for this model**" in section
         assert f"Subjects (2): {summary['cases'][0]}, {summary['cases'][1]}." in section
-        assert "Training steps per subject: dpo 2, ppo 2 (the paper: 250)." in section
+        assert "Training steps per subject: dpo_smoke 2, ppo_smoke 2 (the paper: 250)." in section
         rows = _table_rows(section)
         assert list(rows) == [*LLM_ROWS, *BASELINE_ROWS]
         for label, entry in _entries(summary).items():
@@ -103,7 +110,7 @@ def test_table_has_every_method_with_the_runs_numbers(smoke, papi):
     assert all(math.isfinite(clean[label]["score"]) for label in LLM_ROWS)
     assert [round(clean[b]["score"], 3) for b in BASELINE_ROWS] == [4.403, 2.903, 2.194]
     # Two DPO steps moved the adapter's answers; PAS kept alpha 0 (the unsteered model).
-    assert clean["dpo (2 steps)"]["score"] != clean["no_change"]["score"]
+    assert clean["dpo_smoke (2 steps)"]["score"] != clean["no_change"]["score"]
     pas_rows = (smoke / "clean" / "results.jsonl").read_text().splitlines()
     assert [json.loads(r)["align_info"]["alpha"] for r in pas_rows] == [0.0, 0.0]
     assert clean["pas"]["mae"] == clean["no_change"]["mae"]
@@ -115,8 +122,8 @@ def test_table_labels_the_papers_numbers_and_the_alpha_selection(smoke):
     for row in (
         "| Llama-3-8B-Instruct | PAS | 0.94 | 0.91 | 0.86 | 0.98 | 0.72 | 4.41 | pas |",
         "| Llama-3-8B-Instruct | Few-Shot |  |  |  |  |  | 5.96 | few_shot |",
-        "| Llama-3-8B-Instruct | DPO |  |  |  |  |  | 7.45 | dpo, dpo_cpu |",
-        "| Llama-3-8B-Instruct | PPO |  |  |  |  |  | 7.62 | ppo, ppo_cpu |",
+        "| Llama-3-8B-Instruct | DPO |  |  |  |  |  | 7.45 | dpo, dpo_cpu, dpo_smoke |",
+        "| Llama-3-8B-Instruct | PPO |  |  |  |  |  | 7.62 | ppo, ppo_cpu, ppo_smoke |",
         "| Llama-3-70B-Instruct | PAS |  |  |  |  |  | 4.74 | pas |",
         "| Llama-3-70B-Instruct | Few-Shot |  |  |  |  |  | 5.21 | few_shot |",
         "| GPT-4o | Prompting |  |  |  |  |  | 4.42 |  |",
@@ -164,7 +171,7 @@ def test_csv_round_trips_the_summaries(smoke, tmp_path):
             assert float(row["unk_rate"]) == entry["unk_rate"]
             assert all(_same(float(row[f"mae_{t}"]), entry["mae"][t]) for t in TRAITS)
             assert row["paper_score"] == ""  # tiny_llama is none of the paper's models
-        assert mine["dpo"]["steps"] == "2" and mine["pas"]["steps"] == ""
+        assert mine["dpo_smoke"]["steps"] == "2" and mine["pas"]["steps"] == ""
 
 
 def test_a_paper_model_run_gets_the_published_numbers_beside_it(smoke, tmp_path):
@@ -186,14 +193,17 @@ def test_a_paper_model_run_gets_the_published_numbers_beside_it(smoke, tmp_path)
         "no_change": "",
         "few_shot": "5.96",
         "personality_prompt": "",
-        "dpo (2 steps)": "7.45",
-        "ppo (2 steps)": "7.62",
+        "dpo_smoke (2 steps)": "7.45",
+        "ppo_smoke (2 steps)": "7.62",
         **{b: "" for b in BASELINE_ROWS},
     }
     with open(tmp_path / "out" / "table.csv", newline="") as f:
         by_method = {r["method"]: r for r in csv.DictReader(f)}
     assert by_method["pas"]["paper_mae_A"] == "0.94" and by_method["pas"]["paper_score"] == "4.41"
-    assert by_method["few_shot"]["paper_mae_A"] == "" and by_method["dpo"]["paper_method"] == "DPO"
+    assert (
+        by_method["few_shot"]["paper_mae_A"] == ""
+        and by_method["dpo_smoke"]["paper_method"] == "DPO"
+    )
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,19 @@ def test_summary_schema_is_checked(tmp_path, summary, message):
         RunDir(tmp_path).read_summary()
 
 
+def test_result_rows_carry_the_schema_and_a_newer_one_is_refused(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.write_row("pas", {"case": 7, "score": 2.5})
+    written = json.loads((run_dir.results("pas") / "7.json").read_text())
+    assert written == {"case": 7, "score": 2.5, "schema": SCHEMA_VERSION}
+    write_atomic(run_dir.results("pas") / "8.json", json.dumps({"case": 8}))  # before versioning
+    assert sorted(run_dir.finished_rows("pas")) == [7, 8]
+    newer = run_dir.results("pas") / "9.json"
+    write_atomic(newer, json.dumps({"case": 9, "schema": SCHEMA_VERSION + 1}))
+    with pytest.raises(RunDirError, match=f"{newer}: schema {SCHEMA_VERSION + 1} is not one"):
+        run_dir.finished_rows("pas")
+
+
 def test_resume_appends_to_the_csv_log(cfg_factory):
     cfg = cfg_factory(*TINY, "method=item_mean", "dataset.limit=2")
     run(cfg)

@@ -31,9 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.initialize import get_gh_backup, restore_gh_from_backup
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from palign import CONF_DIR
@@ -45,6 +42,7 @@ from palign.methods.base import Artifact, Method, MethodContext
 from palign.models.loading import LoadedModel
 from palign.models.placement import check_precision
 from palign.pas.profile import PASProfile
+from palign.schema import compose
 
 __all__ = [
     "Evaluation",
@@ -91,30 +89,16 @@ def _check_name(group: str, name: object) -> str:
 
 def _compose(**choices: str) -> DictConfig:
     """``conf/config.yaml`` composed with ``<group>=<name>`` for each choice, as the CLI composes
-    it (the config's ``hydra`` node left out: ``paths.output_dir`` is unset). Hydra's global
-    state (e.g. of an enclosing ``@hydra.main`` app) is restored afterwards."""
-    overrides = [f"{group}={_check_name(group, name)}" for group, name in choices.items()]
-    backup = get_gh_backup()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    finally:
-        restore_gh_from_backup(backup)
+    it (:func:`palign.schema.compose`)."""
+    return compose([f"{group}={_check_name(group, name)}" for group, name in choices.items()])
 
 
 def _override(cfg: DictConfig, key: str, overrides: Mapping[str, Any], what: str) -> None:
-    """Merge ``overrides`` into ``cfg[key]`` (as ``key.name=value`` on the command line would);
-    a name the node does not have is a ConfigError listing the ones it has."""
-    node = cfg[key]
-    known = sorted(str(k) for k in node if not str(k).startswith("_"))
-    unknown = sorted(k for k in overrides if k.startswith("_") or k not in known)
-    if unknown:
-        raise ConfigError(
-            f"{what}: unknown setting(s) {', '.join(unknown)} (settings: {', '.join(known)})"
-        )
+    """Merge ``overrides`` into ``cfg[key]`` (:func:`palign.run.with_settings`)."""
+    from palign.run import with_settings
+
     with open_dict(cfg):
-        cfg.merge_with({key: dict(overrides)})
+        cfg[key] = with_settings(cfg[key], overrides, what)
 
 
 # --- data, model, scorer, method --------------------------------------------------------------
@@ -178,7 +162,7 @@ def method(
     their LoRA layers until ``method.teardown()``). ``scorer``: required by methods that use the
     LLM (:func:`scorer`), ignored by the statistical baselines. ``data`` must be in the
     protocol's coding (:func:`load_data` with the same ``protocol``)."""
-    from palign.run import build
+    from palign.run import build_method
 
     cfg = _compose(method=name, protocol=protocol)
     if data.coding != cfg.protocol.coding:
@@ -187,7 +171,7 @@ def method(
             f"were loaded in {data.coding!r} (load them with load_data(protocol={protocol!r}))"
         )
     _override(cfg, "method", overrides, f"method {name}")
-    built: Method = build(cfg.method)
+    built: Method = build_method(cfg.method)
     if built.uses_llm and scorer is None:
         raise ConfigError(
             f"method {name} answers with the LLM: pass a scorer "

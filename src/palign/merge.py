@@ -11,7 +11,6 @@ subject of the unsharded selection must be finished in some shard (re-run a fail
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 from palign.data.papi import load_papi
 from palign.errors import ConfigError, RunDirError, cli
 from palign.report import aggregate
-from palign.run import baseline_rows, build, method_config, select, summarize, write_outputs
+from palign.run import baseline_rows, build_methods, select, summarize, write_outputs
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
 
 log = logging.getLogger("palign")
@@ -60,8 +59,8 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
         cfg.dataset.shard = None
     data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
     subjects = select(cfg, data)
-    method = build(cfg.method)
-    names = [method.name] + [build(method_config(cfg, n)).name for n in cfg.get("compare") or []]
+    method, others = build_methods(cfg)
+    names = [m.name for m in (method, *others)]
     rows = {}
     for name in names:
         found, shard_of = {}, {}
@@ -82,7 +81,7 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
             if not answers.is_file():
                 raise RunDirError(f"merge: {answers} is missing (the subject's answers)")
             write_atomic(out.answers_file(name, row["case"]), answers.read_text())
-            write_atomic(out.results(name) / f"{row['case']}.json", json.dumps(row))
+            out.write_row(name, row)
     models = {shard.read_summary()["model"] for shard in shards if shard.summary.is_file()}
     model_name = models.pop() if len(models) == 1 else cfg.model.name
     compare = {name: aggregate(rows[name]) for name in names[1:]}

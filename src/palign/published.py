@@ -41,8 +41,10 @@ PAPER_METHOD: dict[str, str] = {
     "few_shot": "Few-Shot",
     "dpo": "DPO",
     "dpo_cpu": "DPO",
+    "dpo_smoke": "DPO",
     "ppo": "PPO",
     "ppo_cpu": "PPO",
+    "ppo_smoke": "PPO",
 }
 
 #: palign model config name -> the paper's model.

@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
 import pandas as pd
-from hydra.errors import InstantiationException
+from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
@@ -75,6 +76,7 @@ def evaluate_group(
         metrics = table_metrics(table)
         info = {k: v for k, v in artifact.meta.items() if k != "timing"}
         row = {
+            "schema": SCHEMA_VERSION,
             "case": subject.case,
             "method": method.name,
             **metrics.to_dict(),
@@ -188,7 +190,7 @@ def evaluate_all(
             write_table(run_dir.answers_file(method.name, row["case"]), table)
             if save_artifacts:
                 artifact.save(run_dir.artifacts(method.name) / str(row["case"]))
-            write_atomic(run_dir.results(method.name) / f"{row['case']}.json", json.dumps(row))
+            run_dir.write_row(method.name, row)
             results[row["case"]] = (row, artifact.history)
             log.info("%s %s", method.name, _log_line(row))
             bar.update(1)
@@ -230,43 +232,148 @@ def _log_line(row: dict) -> str:
 
 def build(node: DictConfig):
     """Instantiate a palign config node (``_target_`` must be one of palign's own classes or
-    functions: a config file cannot make palign import anything else), re-raising palign's own
-    errors unwrapped (they name the key)."""
+    functions: a config file cannot make palign import anything else; methods of one's own go
+    through :func:`build_method`), re-raising palign's own errors unwrapped (they name the key)."""
     target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
     if not target.startswith("palign."):
         raise ConfigError(
             f"_target_={target!r}: only palign's own classes can be built from a config "
             "(palign.<module>.<name>)"
         )
+    return _instantiate(node)
+
+
+def _instantiate(node: DictConfig, **kwargs):
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, PalignError):
             raise e.__cause__ from None
         raise
 
 
-def _load_method_yaml(name: str) -> DictConfig:
-    """``conf/method/<name>.yaml`` with its group-local ``defaults`` (other method configs) merged
-    first, as Hydra composes it."""
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"compare: unknown method {name!r} (no {path})")
-    node = OmegaConf.load(path)
-    bases = node.pop("defaults", [])
-    merged = OmegaConf.create()
-    for base in bases:
-        if base != "_self_":
-            merged = OmegaConf.merge(merged, _load_method_yaml(base))
-    return OmegaConf.merge(merged, node)
+def method_class(node: DictConfig, key: str = "method") -> type[Method]:
+    """The :class:`Method` subclass ``node._target_`` names: palign's own, or one of your own
+    (any importable ``module.Class`` deriving from :class:`Method`); anything else is a
+    ConfigError naming ``<key>._target_``."""
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(
+            f"{key}._target_={target!r}: must name a Method class (module.Class, e.g. "
+            "palign.methods.pas.PAS)"
+        )
+    try:
+        cls = get_class(target)
+    except Exception as e:  # ImportError, AttributeError, ValueError, as Hydra words them
+        raise ConfigError(f"{key}._target_={target!r}: cannot be imported ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ConfigError(
+            f"{key}._target_={target!r}: is not a palign Method (palign.methods.base.Method)"
+        )
+    return cls
 
 
-def method_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The method config ``name`` resolved against ``cfg`` (as if run with ``method=<name>``)."""
-    other = cfg.copy()
-    with open_dict(other):
-        other.method = _load_method_yaml(name)
-    return other.method
+def build_method(node: DictConfig, key: str = "method") -> Method:
+    """The method of a method config node (``conf/method/<name>.yaml``, a ``compare`` entry):
+    its class (:func:`method_class`) built with the node's settings and named ``node.name``.
+    A setting the class's constructor does not take is a ConfigError listing the ones it takes
+    (a method without a schema is checked here, before any work)."""
+    import inspect
+
+    cls = method_class(node, key)
+    own_init = any("__init__" in vars(c) for c in cls.__mro__ if c is not object)
+    params = inspect.signature(cls.__init__).parameters if own_init else {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    settings = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
+    given = [str(k) for k in node if not str(k).startswith("_") and k != "name"]
+    unknown = [k for k in given if k not in settings]
+    if unknown and not takes_any:
+        raise ConfigError(
+            f"{key}.{unknown[0]}: {cls.__name__} has no setting {unknown[0]!r} "
+            f"(settings: {', '.join(settings) or 'none'})"
+        )
+    name = node.get("name") or cls.name
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(
+            f"{key}.name={name!r}: must be a name of letters, digits, _ and - (it names the "
+            "method's folders and report row)"
+        )
+    bare = node.copy()
+    with open_dict(bare):
+        bare.pop("name", None)
+    method = _instantiate(bare)
+    method.name = name
+    return method
+
+
+def with_settings(node: DictConfig, settings: Mapping[str, Any], what: str) -> DictConfig:
+    """``node`` with ``settings`` merged in (as ``<key>.<name>=<value>`` on the command line
+    would); a name the node does not have is a ConfigError listing the ones it has."""
+    known = sorted(str(k) for k in node if not str(k).startswith("_"))
+    unknown = sorted(str(k) for k in settings if str(k).startswith("_") or k not in known)
+    if unknown:
+        raise ConfigError(
+            f"{what}: unknown setting(s) {', '.join(unknown)} (settings: {', '.join(known)})"
+        )
+    merged = node.copy()
+    with open_dict(merged):
+        merged.merge_with(dict(settings))
+    return merged
+
+
+def compare_methods(cfg: DictConfig) -> list[DictConfig]:
+    """Each ``compare`` entry's method config, resolved against ``cfg`` (as if run with
+    ``method=<config>``): an entry is a config name (``dpo_cpu``: named so), or a mapping
+    ``{method: <config>, name: <its own name>, <setting>: <value>, ...}`` (e.g. ``{method:
+    dpo_cpu, name: dpo_5steps, steps: 5}``; ``name`` defaults to the config's)."""
+    from palign.schema import compose
+
+    out = []
+    for i, entry in enumerate(cfg.get("compare") or []):
+        key = f"compare[{i}]"
+        if isinstance(entry, DictConfig):
+            settings = OmegaConf.to_container(entry)
+            config = settings.pop("method", None)
+        else:
+            settings, config = {}, entry
+        if not isinstance(config, str) or not config:
+            raise ConfigError(
+                f"{key}={entry!r}: must be a method config name or a mapping with 'method: "
+                "<config name>' (and optionally name and settings)"
+            )
+        try:
+            node = compose([f"method={config}"]).method
+        except MissingConfigException:
+            packaged = ", ".join(p.stem for p in sorted(CONF_DIR.glob("method/*.yaml")))
+            raise ConfigError(
+                f"{key}: unknown method {config!r} (no method/{config}.yaml in the config search "
+                f"path; packaged: {packaged})"
+            ) from None
+        except Exception as e:  # Hydra: a bad YAML, a key its schema does not have
+            raise ConfigError(f"{key}: method {config!r}: {' '.join(str(e).split())}") from None
+        node = with_settings(node, settings, f"{key} (method {config})")
+        other = cfg.copy()
+        with open_dict(other):
+            other.method = node
+        out.append(other.method)
+    return out
+
+
+def build_methods(cfg: DictConfig) -> tuple[Method, list[Method]]:
+    """The run's method and its ``compare`` methods, built (every config checked); their names
+    must differ (each names its results/, artifacts/ and report row)."""
+    method = build_method(cfg.method)
+    others = [build_method(node, f"compare[{i}]") for i, node in enumerate(compare_methods(cfg))]
+    names = [m.name for m in (method, *others)]
+    if len(set(names)) < len(names):
+        raise ConfigError(
+            f"compare={OmegaConf.to_container(cfg.compare)}: the methods' names {names} repeat; "
+            "each method of a run needs its own name (give a compare entry one: {method: "
+            "<config>, name: <name>, ...})"
+        )
+    return method, others
 
 
 def select(cfg: DictConfig, data: PapiData) -> list[Subject]:
@@ -379,15 +486,8 @@ def run(cfg: DictConfig) -> dict:
     check_resume(cfg, run_dir)
     data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
     subjects = select(cfg, data)
-    method: Method = build(cfg.method)
+    method, others = build_methods(cfg)
     check_objective(cfg, method)
-    others: list[Method] = [build(method_config(cfg, name)) for name in cfg.get("compare") or []]
-    names = [m.name for m in (method, *others)]
-    if len(set(names)) < len(names):
-        raise ConfigError(
-            f"compare={list(cfg.compare)}: the methods' names {names} repeat; each method of a "
-            "run needs its own name (its results/, artifacts/ and report row)"
-        )
     uses_llm = any(m.uses_llm for m in (method, *others))
     if uses_llm:
         check_device(cfg.hardware.device)

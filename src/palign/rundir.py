@@ -8,7 +8,7 @@ One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
     answers/<method>/<case>.csv      every answer (palign.eval.answers)
     artifacts/<method>/<case>/       what aligning produced
     results.jsonl, compare/<method>.jsonl    the rows in subject order
-    summary.json                     the aggregate (schema :data:`SCHEMA_VERSION`)
+    summary.json                     the aggregate (schema :data:`SCHEMA_VERSION`, as each row)
     report.md, report.html, plots/   for readers (report.html: one self-contained page)
     csv/, tensorboard/, wandb/       the logger's files
 
@@ -32,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from palign.errors import RunDirError
 
-#: Version of ``summary.json``'s layout; readers refuse a newer one. Summaries without a
-#: ``schema`` key (palign 0.1.0 before versioning) have the same layout and read as version 0.
+#: Version of the layout of ``summary.json`` and of each per-subject result row (their ``schema``
+#: key); readers refuse a newer one. Files without the key (palign 0.1.0 before versioning) have
+#: the same layout and read as version 0.
 SCHEMA_VERSION = 1
 #: Keys every ``summary.json`` has.
 SUMMARY_KEYS = (
@@ -215,12 +216,7 @@ class RunDir:
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise RunDirError(f"{path}: not a palign summary (no {', '.join(missing)})")
-        schema = summary.setdefault("schema", 0)
-        if not isinstance(schema, int) or isinstance(schema, bool) or schema > SCHEMA_VERSION:
-            raise RunDirError(
-                f"{path}: schema {schema!r} is not one this palign reads (0..{SCHEMA_VERSION})",
-                "a newer palign wrote it: upgrade palign",
-            )
+        _check_schema(path, summary.setdefault("schema", 0))
         return summary
 
     def read_config(self) -> DictConfig:
@@ -248,7 +244,8 @@ class RunDir:
         return rows
 
     def finished_rows(self, method: str) -> dict[int, dict]:
-        """The per-subject rows already written for ``method``, by case."""
+        """The per-subject rows already written for ``method``, by case (each checked: JSON,
+        a ``case``, a schema this palign reads; rows without ``schema`` read as version 0)."""
         folder = self.results(method)
         done = {}
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -260,7 +257,14 @@ class RunDir:
                     f"{path}: not a palign result row ({e})",
                     "delete the file to evaluate that subject again",
                 ) from None
+            _check_schema(path, row.get("schema", 0))
         return done
+
+    def write_row(self, method: str, row: dict) -> None:
+        """One subject's result row, atomically, as ``results/<method>/<case>.json``, stamped
+        with :data:`SCHEMA_VERSION` (what ``resume`` and ``merge`` read back)."""
+        row.setdefault("schema", SCHEMA_VERSION)
+        write_atomic(self.results(method) / f"{row['case']}.json", json.dumps(row))
 
     def write_rows(self, method: str, main: str, rows: Sequence[dict]) -> None:
         write_atomic(self.rows_file(method, main), "".join(json.dumps(r) + "\n" for r in rows))
@@ -270,6 +274,15 @@ class RunDir:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink() and not link.exists():
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+def _check_schema(path: Path, schema: object) -> None:
+    """A :class:`RunDirError` naming ``path`` unless ``schema`` is a version this palign reads."""
+    if not isinstance(schema, int) or isinstance(schema, bool) or not 0 <= schema <= SCHEMA_VERSION:
+        raise RunDirError(
+            f"{path}: schema {schema!r} is not one this palign reads (0..{SCHEMA_VERSION})",
+            "a newer palign wrote it: upgrade palign",
+        )
 
 
 # --- resume ---------------------------------------------------------------------------------

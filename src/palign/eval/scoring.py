@@ -25,7 +25,6 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -41,6 +40,7 @@ from palign.models.batching import left_pad, position_ids
 from palign.models.loading import LoadedModel
 from palign.models.placement import make_trainer
 from palign.progress import BatchBar
+from palign.schema import ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -291,26 +291,6 @@ class ItemScorer(L.LightningModule):
             self._notify("decode", variant)
             logits = self(nxt[:, None], mask, cache, last_position[:, None])
         return tokens
-
-
-@dataclass
-class ScoringConfig:
-    """``conf/scoring``-style settings of a :class:`Scorer` (see the module docstring)."""
-
-    mode: str = "logit"
-    #: logit mode: the assistant turn up to the option letter.
-    answer_prefix: str = "Option ("
-    #: generate mode: the assistant turn's prefill before decoding (the reference's "Option").
-    generate_prefix: str = "Option"
-    batch_size: int = 16
-    max_new_tokens: int = 15
-    parse_window: int = 12
-    #: generate mode: how a letter is read from the text (``reference`` or ``word``).
-    parse: str = "word"
-    #: Item statements without their final period (False: "You worry about things..", as the
-    #: reference code writes them).
-    strip_period: bool = True
-    use_chat_template: bool = True
 
 
 class Scorer:

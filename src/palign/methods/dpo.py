@@ -225,7 +225,10 @@ class DPO(LoraMethod):
         module = DPOModule(self, self.reference_logps(data))
         accumulate = self.batch_size // self.micro_batch_size
         trainer = self.trainer(
-            self.steps, f"dpo case {subject.case}", max_epochs=1, accumulate_grad_batches=accumulate
+            self.steps,
+            f"{self.name} case {subject.case}",
+            max_epochs=1,
+            accumulate_grad_batches=accumulate,
         )
         loader = DataLoader(
             self._pair_order(len(data.rows), subject.case, self.steps * accumulate),

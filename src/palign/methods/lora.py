@@ -76,11 +76,10 @@ def adapter_applied(loaded, directory: str | Path):
     from safetensors.torch import load_file
 
     from palign.errors import ArtifactError
-    from palign.pas.heads import PASError
 
     directory = Path(directory)
     if not (directory / "adapter.json").is_file():
-        raise PASError(
+        raise ArtifactError(
             f"adapter={directory}: no adapter.json (expected an artifacts/<method>/<case>/ folder of dpo or ppo)"
         )
     try:
@@ -91,8 +90,9 @@ def adapter_applied(loaded, directory: str | Path):
             f"{directory / 'adapter.json'}: not a palign adapter description ({e})"
         ) from None
     if model != loaded.name:
-        raise PASError(
-            f"adapter was trained on model {model!r}, not {loaded.name!r} (pass model={model})"
+        raise ArtifactError(
+            f"{directory}: adapter was trained on model {model!r}, not {loaded.name!r} "
+            f"(pass model={model})"
         )
     try:
         weights = load_file(str(directory / PEFT_WEIGHTS))

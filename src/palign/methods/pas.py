@@ -417,7 +417,7 @@ class PAS(Method):
         if self.selection == "alignment_items":
             fold_of = np.stack([self._fold_of(s) for s in subjects])
             predictions = np.zeros((len(subjects), n_alphas, n), dtype=np.int64)
-            label = f"pas case {subjects[0].case}" + (
+            label = f"{self.name} case {subjects[0].case}" + (
                 f" (+{len(subjects) - 1})" if len(subjects) > 1 else ""
             )
             for f in tqdm(range(self.folds), desc=f"{label} alpha search", leave=False):

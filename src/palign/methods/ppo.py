@@ -296,7 +296,7 @@ class PPO(LoraMethod):
         ]
         torch.manual_seed(self.seed * 1_000_003 + subject.case)
         start = time.perf_counter()
-        trainer = self.trainer(self.steps, f"ppo case {subject.case}", max_epochs=1)
+        trainer = self.trainer(self.steps, f"{self.name} case {subject.case}", max_epochs=1)
         # One pre-drawn batch of row indices per step. A DataLoader that yields them as they are:
         # Lightning would take a bare list as one dataloader per element and zip them, making a
         # step's rows the first row of every batch (``steps`` rows instead of ``batch_size``).
