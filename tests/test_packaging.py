@@ -7,11 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from palign.data.fetch import FILES
 from palign.data.papi import locate_papi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +50,9 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-def _env() -> dict:
+def _env(data: Path | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "WANDB_API_KEY")}
-    return {**env, "PALIGN_DATA": str(locate_papi(None)), "WANDB_SILENT": "true"}
+    return {**env, "PALIGN_DATA": str(data or locate_papi(None)), "WANDB_SILENT": "true"}
 
 
 def test_a_wheel_install_runs_from_another_directory(installed, tmp_path):
@@ -88,9 +92,11 @@ def test_a_wheel_install_runs_from_another_directory(installed, tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().endswith("is not a directory")
 
 
-def _run(args: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+def _run(
+    args: list, cwd: Path, data: Path | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=_env(),
+        [str(a) for a in args], capture_output=True, text=True, cwd=cwd, env=_env(data),
         timeout=timeout,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -100,17 +106,31 @@ def _run(args: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProce
 def test_from_the_wheel_a_sweep_runs_and_its_artifacts_load_with_peft_and_transformers(
     installed, tmp_path
 ):
-    """The user's path from a wheel in a fresh venv: a Hydra sweep (two PAS settings, each beside
-    DPO) with its progress on stderr and its sweep table; then the DPO adapter loaded with
-    PeftModel.from_pretrained and the PAS profile exported and loaded with AutoModelForCausalLM,
-    all in that venv, from another directory."""
+    """The user's path from a wheel in a fresh venv: the data fetched (`palign data fetch` from a
+    local HTTP server standing in for the public source, sums checked), a Hydra sweep on it (two
+    PAS settings, each beside DPO) with its progress on stderr and its sweep table; then the DPO
+    adapter loaded with PeftModel.from_pretrained and the PAS profile exported and loaded with
+    AutoModelForCausalLM, all in that venv, from another directory."""
     python, palign = installed / "bin" / "python", installed / "bin" / "palign"
+    source = tmp_path / "source"
+    shutil.copytree(locate_papi(None), source)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(source))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        fetched = _run(
+            [palign, "data", "fetch", "--url", url, "--dir", tmp_path / "papi"], tmp_path
+        )
+        httpd.shutdown()
+    data = tmp_path / "papi"
+    assert str(data) in fetched.stdout + fetched.stderr
+    assert set(FILES) <= {p.name for p in data.iterdir()}  # each checked against its sum
     sweep = tmp_path / "sweep"
     done = _run(
         [palign, "-m", "model=tiny_llama", "method=pas", "method.top_k=2,4", "method.folds=2",
          "method.alphas=[0,1]", "compare=[dpo_smoke]", "dataset.limit=1",
          f"hydra.sweep.dir={sweep}"],
-        tmp_path,
+        tmp_path, data,
     )  # fmt: skip
     for shown in ("pas subjects", "dpo_smoke subjects", "dpo_smoke case"):
         assert shown in done.stderr  # the subjects' and the training steps' bars
