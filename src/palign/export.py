@@ -93,11 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with cli("palign export"):
         profile = PASProfile.load(args.profile)
-        from hydra import compose, initialize_config_dir
-
-        from palign import CONF_DIR
         from palign.api import available
         from palign.run import build
+        from palign.schema import compose
 
         model = args.model or profile.model
         names = available("model")
@@ -106,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--model {model}: no such model config (one of {', '.join(names)})",
                 "pass --model <config name> of the model the profile was made on",
             )
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("generate", overrides=[f"model={model}", *args.overrides])
+        cfg = compose([f"model={model}", *args.overrides], config_name="generate")
         out = export_profile(build(cfg.model), profile, args.out, args.alpha)
     print(f"Exported {args.profile} into {out} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0
