@@ -51,6 +51,14 @@ GROUP_SCHEMAS = {
 }
 
 
+#: Each logger config and the schema of its node(s); ``many`` is a mapping of the others.
+LOGGER_SCHEMAS = {
+    "csv": schema.FileLoggerConfig,
+    "tensorboard": schema.TensorBoardLoggerConfig,
+    "wandb": schema.WandbLoggerConfig,
+}
+
+
 def _compose(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
@@ -65,6 +73,19 @@ def test_every_packaged_config_is_composed_as_its_schema(group):
         assert OmegaConf.get_type(cfg) is schema.PalignConfig
         if group == "method":  # named after its file, also where it extends another config
             assert cfg.method.name == name
+
+
+def test_logger_configs_are_composed_as_their_schemas():
+    assert available("logger") == sorted([*LOGGER_SCHEMAS, "many"])
+    for name, expected in LOGGER_SCHEMAS.items():
+        assert OmegaConf.get_type(_compose(f"logger={name}").logger) is expected
+    many = _compose("logger=many", "~logger.wandb").logger
+    assert {k: OmegaConf.get_type(v) for k, v in many.items()} == {
+        "csv": schema.FileLoggerConfig,
+        "tensorboard": schema.TensorBoardLoggerConfig,
+    }
+    with pytest.raises(ConfigCompositionException, match="logger.projct"):
+        _compose("logger=wandb", "logger.projct=mine")
 
 
 @pytest.mark.parametrize(

@@ -186,6 +186,36 @@ class PathsConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """A Lightning logger (``conf/logger/``); ``logger=many`` is a mapping of these."""
+
+    _target_: str = _help("the Lightning logger class (lightning.pytorch.loggers.<Name>)")
+    save_dir: str = _help("where its files go (the run dir)")
+    name: Any = _help("its sub-folder (CSV, TensorBoard) or run name (W&B; null: the run dir's)")
+
+
+@dataclass
+class FileLoggerConfig(LoggerConfig):
+    version: Any = _help("its version sub-folder; '' for none", "")
+
+
+@dataclass
+class TensorBoardLoggerConfig(FileLoggerConfig):
+    default_hp_metric: bool = _help("log TensorBoard's placeholder hp_metric", False)
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    project: str = _help("the W&B project", "palign")
+    entity: Any = _help("the W&B entity (user or team); null: the key's default", None)
+    group: Any = _help("null: task_name, or task_name/<sweep> for a multirun job", None)
+    tags: list[str] = _help("extra tags (method, model and protocol are added)", factory=list)
+    job_type: str = _help("the run's job type", "eval")
+    offline: Any = _help("null: offline unless an API key is found and $WANDB_MODE allows", None)
+    log_model: bool = _help("Lightning's checkpoint upload (palign logs its own artifacts)", False)
+
+
+@dataclass
 class ScoringConfig:
     """How LLM answers are read (``scoring`` in ``conf/config.yaml``; see
     :mod:`palign.eval.scoring`)."""
@@ -240,6 +270,9 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
     ("protocol", "protocol_schema", ProtocolConfig),
     ("hardware", "hardware_schema", HardwareConfig),
     ("paths", "paths_schema", PathsConfig),
+    ("logger", "csv_schema", FileLoggerConfig),
+    ("logger", "tensorboard_schema", TensorBoardLoggerConfig),
+    ("logger", "wandb_schema", WandbLoggerConfig),
 ]
 
 
