@@ -224,3 +224,11 @@ def test_a_method_of_ones_own_is_one_module_and_one_yaml(papi, tmp_path):
     assert bad.returncode == 1
     assert "method.shrnk: ShrunkTraitMean has no setting 'shrnk' (settings: shrink)" in bad.stderr
     assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_the_readme_shows_the_example_as_it_is():
+    readme = (ROOT / "README.md").read_text()
+    module = (EXAMPLE / "shrunk_trait_mean.py").read_text()
+    assert module[module.index("class ShrunkTraitMean") :].strip() in readme
+    yaml = (EXAMPLE / "conf" / "method" / "shrunk_trait_mean.yaml").read_text()
+    assert yaml.split("\n", 1)[1].strip() in readme  # below its comment line
