@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -36,11 +37,23 @@ def _records(path: Path) -> list[bytes]:
     return records
 
 
-def read_wandb_run(run_dir: Path) -> dict:
+def read_wandb_run(run_dir: Path, wait_s: float = 60.0) -> dict:
     """The single offline W&B run under ``run_dir/wandb``: its run fields, final summary,
     history rows, metric definitions (metric name or glob -> its ``step_metric``, "" for the
-    default axis; the last definition of each), artifacts (name -> file paths) and exit code."""
+    default axis; the last definition of each), artifacts (name -> file paths) and exit code.
+    The run is read once it is finished: wandb-core (another process) may still be writing its
+    last records when ``finish()`` has returned on a busy machine, so the file is read again
+    until its exit record is there (at most ``wait_s`` seconds)."""
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    out = _parse(path)
+    while out["exit_code"] is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        out = _parse(path)
+    return out
+
+
+def _parse(path: Path) -> dict:
     out = {
         "run": {},
         "summary": {},
