@@ -110,6 +110,16 @@ class Ctx:
         return self.finished / "artifacts" / "dpo_smoke" / str(self.case)
 
 
+def _typo_experiment(c: Ctx) -> Path:
+    """A config dir of one's own whose ``experiment/typo.yaml`` misspells ``method.top_k``."""
+    conf = c.tmp / "my_conf"
+    (conf / "experiment").mkdir(parents=True, exist_ok=True)
+    (conf / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: pas\nmethod:\n  topk: 4\n"
+    )
+    return conf
+
+
 def _palign(*args: str, out: str = "run") -> Callable[[Ctx], list[str]]:
     """A ``python -m palign`` command line on tiny_llama into a fresh run dir."""
     return lambda c: [*TINY, *args, f"hydra.run.dir={c.tmp / out}"]
@@ -408,6 +418,17 @@ CASES: list[tuple[str, str, Callable[[Ctx], list[str]], tuple[str, ...], int]] =
         "palign",
         _palign("method=constant", "method.value=0"),
         ("method.value=0",),
+        1,
+    ),
+    # --- configs Hydra cannot compose (checked before the run dir is made) ---
+    ("override_key_unknown", "palign", _palign("dataset.limt=3"), ("dataset.limt",), 1),
+    ("model_unknown", "palign", _palign("model=nope"), ("model/nope",), 1),
+    ("override_malformed", "palign", _palign("dataset.limit=["), ("no viable alternative",), 1),
+    (
+        "yaml_key_misspelt",
+        "palign",
+        lambda c: _palign(f"hydra.searchpath=[file://{_typo_experiment(c)}]", "experiment=typo")(c),
+        ("method.topk", "experiment/typo"),
         1,
     ),
     # --- compare entries ---

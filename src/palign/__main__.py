@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from palign import CONF_DIR
-from palign.errors import RunDirError, cli
+from palign.errors import ConfigError, RunDirError, cli
 
 log = logging.getLogger("palign")
 
@@ -48,12 +48,15 @@ def precheck(argv: Sequence[str]) -> None:
     that a refused run leaves an existing run dir as it was: an explicit ``hydra.run.dir`` is
     writable and, without ``resume``, holds no results; ``resume=<dir>`` holds a palign run
     (a sweep dir for ``-m``), its result rows are readable, no other run holds it, and (single
-    runs) its ``config.yaml`` agrees with the overrides given (:func:`palign.rundir.check_resume`)."""
+    runs) its ``config.yaml`` agrees with the overrides given (:func:`palign.rundir.check_resume`).
+    A single run's config is composed here first, so that a config Hydra cannot compose (a key
+    its schema lacks, an unknown option) is one error line, before any folder is made."""
     from palign.rundir import RunDir
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --cfg, --help, ...: Hydra only prints
+    cfg = None if multirun else _compose(argv)
     resume, run_dir_arg = _override(argv, "resume"), _override(argv, "hydra.run.dir")
     if resume is None:
         if run_dir_arg is not None and not multirun:
@@ -78,20 +81,39 @@ def precheck(argv: Sequence[str]) -> None:
     run_dir.check_free()
     for folder in sorted(run_dir.path.glob("results/*/")):
         run_dir.finished_rows(folder.name)
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     from palign.rundir import check_resume
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(argv), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir.path.resolve())
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     check_resume(cfg, run_dir)
+
+
+def _compose(argv: Sequence[str]) -> DictConfig:
+    """The run's config as Hydra will compose it (the ``hydra`` node included); a config that
+    cannot be composed is one :class:`ConfigError` line with Hydra's reason."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from palign.schema import compose
+
+    try:
+        return compose(list(argv), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        reasons = [
+            " ".join(str(x).split()).split(" Config search path:")[0]  # Hydra's own paths
+            for x in (e, e.__cause__)
+            if x is not None
+        ]
+        raise ConfigError(
+            "; ".join(dict.fromkeys(r for r in reasons if r)),
+            "set HYDRA_FULL_ERROR=1 and run `palign ... --cfg job` to see the composed config",
+        ) from None
 
 
 def main() -> None:

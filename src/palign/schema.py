@@ -288,9 +288,12 @@ def register_all() -> None:
         register(group, name, schema)
 
 
-def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
+def compose(
+    overrides: list[str], config_name: str = "config", return_hydra_config: bool = False
+) -> DictConfig:
     """``conf/<config_name>.yaml`` composed with ``overrides`` as the CLI composes it (schemas
-    and all; the ``hydra`` node left out, so ``paths.output_dir`` is unset). Inside a running
+    and all; the ``hydra`` node left out unless ``return_hydra_config``, so
+    ``paths.output_dir`` is unset). Inside a running
     Hydra app the app's config search path (``hydra.searchpath``: the user's own config dirs)
     is searched too, and Hydra's global state is restored afterwards."""
     from hydra import compose as hydra_compose
@@ -307,6 +310,10 @@ def compose(overrides: list[str], config_name: str = "config") -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            return hydra_compose(
+                config_name=config_name,
+                overrides=overrides,
+                return_hydra_config=return_hydra_config,
+            )
     finally:
         restore_gh_from_backup(backup)
