@@ -243,9 +243,9 @@ def build(node: DictConfig):
     return _instantiate(node)
 
 
-def _instantiate(node: DictConfig, **kwargs):
+def _instantiate(node: DictConfig):
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node)
     except InstantiationException as e:
         if isinstance(e.__cause__, PalignError):
             raise e.__cause__ from None
@@ -283,8 +283,9 @@ def build_method(node: DictConfig, key: str = "method") -> Method:
     import inspect
 
     cls = method_class(node, key)
-    own_init = any("__init__" in vars(c) for c in cls.__mro__ if c is not object)
-    params = inspect.signature(cls.__init__).parameters if own_init else {}
+    params = (
+        inspect.signature(cls.__init__).parameters if cls.__init__ is not object.__init__ else {}
+    )
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     settings = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
     given = [str(k) for k in node if not str(k).startswith("_") and k != "name"]

@@ -93,10 +93,13 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def write_table(sweep_dir: Path) -> Path | None:
-    """Write ``sweep_table.md``, ``.csv`` and ``.html`` in ``sweep_dir``; returns the markdown path (None
+def write_table(
+    sweep_dir: Path, collected: tuple[list[dict], list[str]] | None = None
+) -> Path | None:
+    """Write ``sweep_table.md``, ``.csv`` and ``.html`` in ``sweep_dir`` from ``collected``
+    (what :func:`collect` returned, read again when not given); returns the markdown path (None
     when no job has a summary yet)."""
-    rows, missing = collect(sweep_dir)
+    rows, missing = collected or collect(sweep_dir)
     if not rows:
         log.warning("sweep %s: no job has a summary.json yet; no sweep table", sweep_dir)
         return None
@@ -125,13 +128,14 @@ def write_table(sweep_dir: Path) -> Path | None:
     return path
 
 
-def log_to_wandb(config: DictConfig, sweep_dir: Path) -> bool:
-    """Log the sweep table (the rows of :func:`collect`, cells in :data:`COLUMNS` order) as the
+def log_to_wandb(config: DictConfig, sweep_dir: Path, rows: list[dict] | None = None) -> bool:
+    """Log the sweep table (``rows``, default the rows of :func:`collect`, cells in
+    :data:`COLUMNS` order) as the
     ``wandb.Table`` ``sweep_table`` of one W&B run for the sweep (``job_type`` ``sweep``, in the
     group of its jobs, see :meth:`RunTracker.for_sweep`), then finish that run. ``config`` is
     the sweep's config; returns False (and logs nothing) when its ``logger`` has no W&B logger
     or no job has a summary."""
-    rows, _ = collect(sweep_dir)
+    rows = collect(sweep_dir)[0] if rows is None else rows
     tracker = RunTracker.for_sweep(config, sweep_dir) if rows else RunTracker()
     if not tracker.loggers:
         return False
@@ -153,10 +157,11 @@ class SweepTable(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        path = write_table(sweep_dir)
+        collected = collect(sweep_dir)  # every job's summary, read once for both
+        path = write_table(sweep_dir, collected)
         if path is not None:
             print(path.read_text())
-            log_to_wandb(config, sweep_dir)
+            log_to_wandb(config, sweep_dir, collected[0])
 
 
 def main(argv: list[str] | None = None) -> None:
