@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from palign import CONF_DIR
+from palign.config import register_all
 from palign.data import load_papi, locate_papi
 from palign.errors import DataError
 from palign.eval.scoring import Scorer, ScoringConfig
@@ -81,6 +82,7 @@ def cfg_factory(tmp_path):
     """Compose ``conf/config.yaml`` with overrides; outputs go to a fresh tmp dir."""
 
     def build(*overrides: str, out: str = "run") -> DictConfig:
+        register_all()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=list(overrides))
         with open_dict(cfg):

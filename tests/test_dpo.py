@@ -8,13 +8,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import TINY_LLAMA
+from palign.config import build
 from palign.data.papi import Item
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import MethodContext
 from palign.methods.dpo import DPO, PairBatches, dpo_loss, preference_pairs, sequence_logps
 from palign.methods.lora import adapter_applied
 from palign.models import load_random
-from palign.run import build, run
+from palign.run import run
 
 ITEMS = [Item(i + 1, f"Item {i}.", "A", 1, "") for i in range(5)]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from palign.errors import ArtifactError
+from palign.errors import ArtifactError, PASError
 from palign.generate import generate_pair, profile_applied
 from palign.methods.lora import adapter_applied
-from palign.pas.heads import PASError, head_layout
+from palign.pas.heads import head_layout
 from palign.pas.profile import POOLED, PASProfile
 
 

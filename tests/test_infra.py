@@ -14,10 +14,12 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
+from palign.config import build_method
+from palign.config.build import check_objective
 from palign.data.papi import select_subjects
 from palign.errors import ConfigError, RunDirError
 from palign.merge import merge
-from palign.run import build_method, check_objective, objective, run
+from palign.run import objective, run
 from palign.rundir import RunDir
 from palign.sweep import COLUMNS, log_to_wandb
 from palign.tracking import RunTracker

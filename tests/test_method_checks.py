@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from palign.errors import ConfigError
+from palign.config import build_method
+from palign.errors import ConfigError, PASError
 from palign.methods.checks import check_int, check_number, show
 from palign.methods.dpo import DPO
 from palign.methods.pas import PAS
 from palign.methods.ppo import PPO
-from palign.pas.heads import PASError
-from palign.run import build_method
 
 #: (method config, key, override value, the value as the message shows it, error class).
 BAD = [
@@ -163,7 +162,7 @@ def test_checked_values_are_plain_python():
     assert method.lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert method.lora["lora_alpha"] == 100 and type(method.lora["lora_alpha"]) is int
     pas = PAS(alphas=(0, 2), layers=[1, 3])
-    assert pas.alphas == [0.0, 2.0] and pas.layers == (1, 3)
+    assert pas.alphas == [0.0, 2.0] and pas.layers == [1, 3]
     assert PPO(lr=1).lr == 1.0
 
 

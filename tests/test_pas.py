@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import TINY_LLAMA
 from palign.data.papi import HiddenAnswerError
+from palign.errors import PASError
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, reference_contrastive_question
 from palign.eval.scoring import Scorer, ScoringConfig, letter_token_ids
 from palign.methods.base import Candidates, MethodContext
@@ -18,7 +19,7 @@ from palign.methods.pas import PAS
 from palign.methods.prompting import FewShot
 from palign.models import load_random
 from palign.pas.activations import contrastive_activations, contrastive_prompts
-from palign.pas.heads import HeadShift, PASError, fold_into_bias, head_layout, unfold_bias
+from palign.pas.heads import HeadShift, fold_into_bias, head_layout, unfold_bias
 from palign.pas.probes import ProbeFit, fit_probes, mass_mean_directions, rank_heads, split_rows
 from palign.pas.profile import PASProfile
 from palign.run import evaluate_group
@@ -450,5 +451,5 @@ def test_a_group_of_subjects_equals_one_at_a_time_in_fewer_forwards(papi, pas_fa
 
 
 def test_bad_subject_batch_is_refused():
-    with pytest.raises(PASError, match="method.subject_batch=0 must be >= 1"):
+    with pytest.raises(PASError, match="method.subject_batch=0: must be an integer >= 1"):
         PAS(subject_batch=0)

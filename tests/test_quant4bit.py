@@ -20,12 +20,13 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import palign.models.loading as loading  # noqa: E402
 from conftest import TINY_LLAMA  # noqa: E402
+from palign.config import build  # noqa: E402
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT  # noqa: E402
 from palign.eval.scoring import Scorer, ScoringConfig  # noqa: E402
 from palign.methods.lora import LoraMethod  # noqa: E402
 from palign.models.memory import estimate_memory  # noqa: E402
 from palign.pas.heads import HeadShift, fold_into_bias, head_layout, unfold_bias  # noqa: E402
-from palign.run import build, run  # noqa: E402
+from palign.run import run  # noqa: E402
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROJECTIONS = (*ATTENTION, "gate_proj", "up_proj", "down_proj")

@@ -1,4 +1,4 @@
-"""Config schemas (palign.schema) catch misspelt keys at compose time; methods are named after
+"""Config schemas (palign.config.schema) catch misspelt keys at compose time; methods are named after
 their configs; ``compare`` entries take settings and names; a method of one's own is one module
 and one YAML (examples/own_method, as the README shows it)."""
 
@@ -9,17 +9,27 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from palign import CONF_DIR, schema
 from palign.api import available
+from palign.config import build_method, build_methods, schema
 from palign.errors import ConfigError
-from palign.run import build_method, build_methods
+from palign.methods import (
+    Constant,
+    FewShot,
+    ItemMean,
+    NoChange,
+    PersonalityPrompt,
+    TraitMean,
+)
+from palign.methods.dpo import DPO
+from palign.methods.pas import PAS
+from palign.methods.ppo import PPO
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "own_method"
@@ -38,16 +48,19 @@ GROUP_SCHEMAS = {
         "smollm2_135m": schema.GGUFModelConfig,
         "tiny_llama": schema.RandomModelConfig,
     },
-    "method": {
-        "constant": schema.ConstantConfig,
-        **dict.fromkeys(["dpo", "dpo_cpu", "dpo_smoke"], schema.DPOConfig),
-        **dict.fromkeys(["ppo", "ppo_cpu", "ppo_smoke"], schema.PPOConfig),
-        "pas": schema.PASConfig,
-        **dict.fromkeys(
-            ["few_shot", "item_mean", "no_change", "personality_prompt", "trait_mean"],
-            schema.MethodConfig,
-        ),
-    },
+}
+
+#: Each packaged method config and the Method class its node is derived from.
+METHOD_CLASSES = {
+    "constant": Constant,
+    **dict.fromkeys(["dpo", "dpo_cpu", "dpo_smoke"], DPO),
+    **dict.fromkeys(["ppo", "ppo_cpu", "ppo_smoke"], PPO),
+    "pas": PAS,
+    "few_shot": FewShot,
+    "item_mean": ItemMean,
+    "no_change": NoChange,
+    "personality_prompt": PersonalityPrompt,
+    "trait_mean": TraitMean,
 }
 
 
@@ -60,8 +73,7 @@ LOGGER_SCHEMAS = {
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+    return schema.compose(list(overrides))
 
 
 @pytest.mark.parametrize("group", sorted(GROUP_SCHEMAS))
@@ -71,8 +83,21 @@ def test_every_packaged_config_is_composed_as_its_schema(group):
         cfg = _compose(f"{group}={name}")
         assert OmegaConf.get_type(cfg[group]) is expected, (group, name)
         assert OmegaConf.get_type(cfg) is schema.PalignConfig
-        if group == "method":  # named after its file, also where it extends another config
-            assert cfg.method.name == name
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CLASSES))
+def test_every_method_config_is_composed_as_its_settings(name):
+    """A method's node has exactly its class's settings (derived from ``Settings``, in struct
+    mode), builds that class, and is named after its file (also where it extends another)."""
+    assert available("method") == sorted(METHOD_CLASSES)
+    cls = METHOD_CLASSES[name]
+    cfg = _compose(f"method={name}")
+    settings = [f.name for f in fields(cls.Settings)]
+    assert list(cfg.method) == ["_target_", "name", *settings]
+    assert OmegaConf.is_struct(cfg.method)
+    assert cfg.method.name == name
+    built = build_method(cfg.method)
+    assert type(built) is cls and built.name == name
 
 
 def test_logger_configs_are_composed_as_their_schemas():

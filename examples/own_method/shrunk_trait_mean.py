@@ -12,25 +12,32 @@ items, shrunk toward the scale midpoint 3 by ``shrink``, answered through each i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from palign.constants import TRAITS
 from palign.data.papi import Item, Subject, keyed
-from palign.errors import ConfigError
-from palign.methods import Answers, Artifact, Method
+from palign.methods import Answers, Artifact, Method, MethodSettings, setting
+from palign.methods.checks import number
 from palign.methods.statistical import keyed_trait_means, round_half_up
 
 
+@dataclass
+class ShrunkTraitMeanSettings(MethodSettings):
+    shrink: float = setting(
+        0.5,
+        "how far toward 3: 0 is the trait_mean baseline, 1 always answers 3",
+        number(at_least=0, at_most=1),
+    )
+
+
 class ShrunkTraitMean(Method):
-    """Keyed trait means shrunk toward 3; uses no LLM (``uses_llm`` stays False)."""
+    """Keyed trait means shrunk toward 3; uses no LLM (``uses_llm`` stays False). Its settings
+    are ``Settings``: ``self.shrink`` is checked before any work."""
 
     name = "shrunk_trait_mean"
-
-    def __init__(self, shrink: float = 0.5):
-        if not isinstance(shrink, (int, float)) or isinstance(shrink, bool) or not 0 <= shrink <= 1:
-            raise ConfigError(f"method.shrink={shrink!r}: must be a number in 0..1")
-        self.shrink = float(shrink)
+    Settings = ShrunkTraitMeanSettings
 
     def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
         """The subject's keyed trait means (A, C, E, N, O) over ``items``, shrunk."""

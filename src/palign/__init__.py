@@ -35,8 +35,3 @@ OmegaConf.register_new_resolver(
     lambda resume: f".hydra/resume_{time.strftime('%Y-%m-%d_%H-%M-%S')}" if resume else ".hydra",
     replace=True,
 )
-
-# The config schemas (palign.schema) in Hydra's ConfigStore, before any config is composed.
-from palign.schema import register_all as _register_schemas  # noqa: E402
-
-_register_schemas()

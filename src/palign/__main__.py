@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from palign import CONF_DIR
-from palign.errors import ConfigError, RunDirError, cli
+from palign.errors import RunDirError, cli
 
 log = logging.getLogger("palign")
 
@@ -51,12 +51,13 @@ def precheck(argv: Sequence[str]) -> None:
     runs) its ``config.yaml`` agrees with the overrides given (:func:`palign.rundir.check_resume`).
     A single run's config is composed here first, so that a config Hydra cannot compose (a key
     its schema lacks, an unknown option) is one error line, before any folder is made."""
+    from palign.config.schema import compose_checked
     from palign.rundir import RunDir
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --cfg, --help, ...: Hydra only prints
-    cfg = None if multirun else _compose(argv)
+    cfg = None if multirun else compose_checked(list(argv), return_hydra_config=True)
     resume, run_dir_arg = _override(argv, "resume"), _override(argv, "hydra.run.dir")
     if resume is None:
         if run_dir_arg is not None and not multirun:
@@ -94,29 +95,10 @@ def precheck(argv: Sequence[str]) -> None:
     check_resume(cfg, run_dir)
 
 
-def _compose(argv: Sequence[str]) -> DictConfig:
-    """The run's config as Hydra will compose it (the ``hydra`` node included); a config that
-    cannot be composed is one :class:`ConfigError` line with Hydra's reason."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from palign.schema import compose
-
-    try:
-        return compose(list(argv), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
-        reasons = [
-            " ".join(str(x).split()).split(" Config search path:")[0]  # Hydra's own paths
-            for x in (e, e.__cause__)
-            if x is not None
-        ]
-        raise ConfigError(
-            "; ".join(dict.fromkeys(r for r in reasons if r)),
-            "set HYDRA_FULL_ERROR=1 and run `palign ... --cfg job` to see the composed config",
-        ) from None
-
-
 def main() -> None:
+    from palign.config import register_all
+
+    register_all()
     with cli("palign"):
         precheck(sys.argv[1:])
     app()

@@ -34,6 +34,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from palign import CONF_DIR
+from palign.config import build, build_method, compose, with_settings
 from palign.data.papi import PapiData, Subject, load_papi, select_subjects
 from palign.errors import ArtifactError, ConfigError
 from palign.eval.answers import table_metrics
@@ -42,7 +43,6 @@ from palign.methods.base import Artifact, Method, MethodContext
 from palign.models.loading import LoadedModel
 from palign.models.placement import check_precision
 from palign.pas.profile import PASProfile
-from palign.schema import compose
 
 __all__ = [
     "Evaluation",
@@ -89,14 +89,12 @@ def _check_name(group: str, name: object) -> str:
 
 def _compose(**choices: str) -> DictConfig:
     """``conf/config.yaml`` composed with ``<group>=<name>`` for each choice, as the CLI composes
-    it (:func:`palign.schema.compose`)."""
+    it (:func:`palign.config.compose`)."""
     return compose([f"{group}={_check_name(group, name)}" for group, name in choices.items()])
 
 
 def _override(cfg: DictConfig, key: str, overrides: Mapping[str, Any], what: str) -> None:
-    """Merge ``overrides`` into ``cfg[key]`` (:func:`palign.run.with_settings`)."""
-    from palign.run import with_settings
-
+    """Merge ``overrides`` into ``cfg[key]`` (:func:`palign.config.with_settings`)."""
     with open_dict(cfg):
         cfg[key] = with_settings(cfg[key], overrides, what)
 
@@ -124,8 +122,6 @@ def load_model(name: str = "smollm2_135m", *, hardware: str = "cpu", **overrides
     _override(cfg, "model", overrides, f"model {name}")
     for key, value in (cfg.hardware.get("env") or {}).items():
         os.environ.setdefault(str(key), str(value))
-    from palign.run import build
-
     return build(cfg.model)
 
 
@@ -162,8 +158,6 @@ def method(
     their LoRA layers until ``method.teardown()``). ``scorer``: required by methods that use the
     LLM (:func:`scorer`), ignored by the statistical baselines. ``data`` must be in the
     protocol's coding (:func:`load_data` with the same ``protocol``)."""
-    from palign.run import build_method
-
     cfg = _compose(method=name, protocol=protocol)
     if data.coding != cfg.protocol.coding:
         raise ConfigError(

@@ -7,6 +7,7 @@ palign reproduce --out DIR RUNS...  Table 1 from finished runs
 palign sweep SWEEP_DIR              a sweep's table
 palign data check [PAPI_DIR]        which response coding the PAPI files use
 palign data fetch [--dir DIR]       download the PAPI files (sha256 checked, resumable)
+palign settings [method=NAME ...]   a method's settings: type, value, default, help
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {
     "export": "palign.export",
     "data check": "palign.data.check",
     "data fetch": "palign.data.fetch",
+    "settings": "palign.config.describe",
 }
 #: Commands that are Hydra apps: they read ``sys.argv`` themselves.
 HYDRA_APPS = ("generate",)

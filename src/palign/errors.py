@@ -44,6 +44,14 @@ class ModelError(PalignError, RuntimeError):
     """A model cannot be loaded, placed or scored as configured."""
 
 
+class ModelLoadError(ModelError):
+    """A model cannot be loaded here; the message says which config key and what to do."""
+
+
+class PASError(ConfigError):
+    """PAS cannot proceed; the message says what is wrong and where."""
+
+
 class ArtifactError(PalignError, ValueError):
     """A saved artifact (profile, adapter, activation cache) is corrupt or does not fit."""
 

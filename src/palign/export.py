@@ -94,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with cli("palign export"):
         profile = PASProfile.load(args.profile)
         from palign.api import available
-        from palign.run import build
-        from palign.schema import compose
+        from palign.config import build, compose
 
         model = args.model or profile.model
         names = available("model")

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from palign import CONF_DIR
+from palign.config import build, register_all
 from palign.errors import ConfigError, cli
 from palign.eval.prompts import PromptRenderer
 from palign.methods.lora import adapter_applied
@@ -65,9 +66,7 @@ def profile_applied(loaded: LoadedModel, profile: PASProfile, alpha: float | Non
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
-def main(cfg: DictConfig) -> None:
-    from palign.run import build
-
+def app(cfg: DictConfig) -> None:
     with cli("palign.generate"):
         if bool(cfg.profile) == bool(cfg.adapter):
             raise ConfigError(
@@ -98,6 +97,12 @@ def main(cfg: DictConfig) -> None:
     print(f"Prompt: {cfg.prompt}\n")
     print(f"--- {loaded.name}, no profile ---\n{base}\n")
     print(f"--- {loaded.name} + {label} ---\n{aligned}")
+
+
+def main() -> None:
+    """``palign generate``: the schemas registered, then the Hydra app."""
+    register_all()
+    app()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from palign.data.papi import load_papi
+from palign.config import plan
 from palign.errors import ConfigError, RunDirError, cli
 from palign.report import aggregate
-from palign.run import baseline_rows, build_methods, select, summarize, write_outputs
+from palign.run import baseline_rows, summarize, write_outputs
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
 
 log = logging.getLogger("palign")
@@ -57,10 +57,9 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
     cfg = configs[0]
     with open_dict(cfg):
         cfg.dataset.shard = None
-    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
-    subjects = select(cfg, data)
-    method, others = build_methods(cfg)
-    names = [m.name for m in (method, *others)]
+    checked = plan(cfg, check_hardware=False)  # no model: the shards' rows are merged
+    data, subjects, method = checked.data, checked.subjects, checked.method
+    names = [m.name for m in checked.methods]
     rows = {}
     for name in names:
         found, shard_of = {}, {}

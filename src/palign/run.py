@@ -14,22 +14,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
 import pandas as pd
-from hydra.errors import InstantiationException, MissingConfigException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from palign import CONF_DIR, __version__
+from palign import __version__
+from palign.config import Plan, build, plan
 from palign.constants import TRAITS
-from palign.data.papi import Inventory, PapiData, Subject, load_papi, select_subjects
-from palign.errors import ConfigError, PalignError
+from palign.data.papi import Inventory, PapiData, Subject
 from palign.eval.answers import answer_table, table_metrics, write_table
 from palign.eval.metrics import best_candidate
 from palign.eval.scoring import Scorer, ScoringConfig
@@ -37,7 +34,6 @@ from palign.html import write_page
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
-from palign.models.placement import check_device, check_precision
 from palign.report import aggregate, report_markdown
 from palign.reproduce import load_run, plot_run
 from palign.rundir import SCHEMA_VERSION, RunDir, check_resume, write_atomic
@@ -230,166 +226,6 @@ def _log_line(row: dict) -> str:
     )
 
 
-def build(node: DictConfig):
-    """Instantiate a palign config node (``_target_`` must be one of palign's own classes or
-    functions: a config file cannot make palign import anything else; methods of one's own go
-    through :func:`build_method`), re-raising palign's own errors unwrapped (they name the key)."""
-    target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
-    if not target.startswith("palign."):
-        raise ConfigError(
-            f"_target_={target!r}: only palign's own classes can be built from a config "
-            "(palign.<module>.<name>)"
-        )
-    return _instantiate(node)
-
-
-def _instantiate(node: DictConfig):
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, PalignError):
-            raise e.__cause__ from None
-        raise
-
-
-def method_class(node: DictConfig, key: str = "method") -> type[Method]:
-    """The :class:`Method` subclass ``node._target_`` names: palign's own, or one of your own
-    (any importable ``module.Class`` deriving from :class:`Method`); anything else is a
-    ConfigError naming ``<key>._target_``."""
-    from hydra.utils import get_class
-
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if not isinstance(target, str) or "." not in target:
-        raise ConfigError(
-            f"{key}._target_={target!r}: must name a Method class (module.Class, e.g. "
-            "palign.methods.pas.PAS)"
-        )
-    try:
-        cls = get_class(target)
-    except Exception as e:  # ImportError, AttributeError, ValueError, as Hydra words them
-        raise ConfigError(f"{key}._target_={target!r}: cannot be imported ({e})") from None
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(
-            f"{key}._target_={target!r}: is not a palign Method (palign.methods.base.Method)"
-        )
-    return cls
-
-
-def build_method(node: DictConfig, key: str = "method") -> Method:
-    """The method of a method config node (``conf/method/<name>.yaml``, a ``compare`` entry):
-    its class (:func:`method_class`) built with the node's settings and named ``node.name``.
-    A setting the class's constructor does not take is a ConfigError listing the ones it takes
-    (a method without a schema is checked here, before any work)."""
-    import inspect
-
-    cls = method_class(node, key)
-    params = (
-        inspect.signature(cls.__init__).parameters if cls.__init__ is not object.__init__ else {}
-    )
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    settings = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
-    given = [str(k) for k in node if not str(k).startswith("_") and k != "name"]
-    unknown = [k for k in given if k not in settings]
-    if unknown and not takes_any:
-        raise ConfigError(
-            f"{key}.{unknown[0]}: {cls.__name__} has no setting {unknown[0]!r} "
-            f"(settings: {', '.join(settings) or 'none'})"
-        )
-    name = node.get("name") or cls.name
-    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(
-            f"{key}.name={name!r}: must be a name of letters, digits, _ and - (it names the "
-            "method's folders and report row)"
-        )
-    bare = node.copy()
-    with open_dict(bare):
-        bare.pop("name", None)
-    method = _instantiate(bare)
-    method.name = name
-    return method
-
-
-def with_settings(node: DictConfig, settings: Mapping[str, Any], what: str) -> DictConfig:
-    """``node`` with ``settings`` merged in (as ``<key>.<name>=<value>`` on the command line
-    would); a name the node does not have is a ConfigError listing the ones it has."""
-    known = sorted(str(k) for k in node if not str(k).startswith("_"))
-    unknown = sorted(str(k) for k in settings if str(k).startswith("_") or k not in known)
-    if unknown:
-        raise ConfigError(
-            f"{what}: unknown setting(s) {', '.join(unknown)} (settings: {', '.join(known)})"
-        )
-    merged = node.copy()
-    with open_dict(merged):
-        merged.merge_with(dict(settings))
-    return merged
-
-
-def compare_methods(cfg: DictConfig) -> list[DictConfig]:
-    """Each ``compare`` entry's method config, resolved against ``cfg`` (as if run with
-    ``method=<config>``): an entry is a config name (``dpo_cpu``: named so), or a mapping
-    ``{method: <config>, name: <its own name>, <setting>: <value>, ...}`` (e.g. ``{method:
-    dpo_cpu, name: dpo_5steps, steps: 5}``; ``name`` defaults to the config's)."""
-    from palign.schema import compose
-
-    out = []
-    for i, entry in enumerate(cfg.get("compare") or []):
-        key = f"compare[{i}]"
-        if isinstance(entry, DictConfig):
-            settings = OmegaConf.to_container(entry)
-            config = settings.pop("method", None)
-        else:
-            settings, config = {}, entry
-        if not isinstance(config, str) or not config:
-            raise ConfigError(
-                f"{key}={entry!r}: must be a method config name or a mapping with 'method: "
-                "<config name>' (and optionally name and settings)"
-            )
-        try:
-            node = compose([f"method={config}"]).method
-        except MissingConfigException:
-            packaged = ", ".join(p.stem for p in sorted(CONF_DIR.glob("method/*.yaml")))
-            raise ConfigError(
-                f"{key}: unknown method {config!r} (no method/{config}.yaml in the config search "
-                f"path; packaged: {packaged})"
-            ) from None
-        except Exception as e:  # Hydra: a bad YAML, a key its schema does not have
-            raise ConfigError(f"{key}: method {config!r}: {' '.join(str(e).split())}") from None
-        node = with_settings(node, settings, f"{key} (method {config})")
-        other = cfg.copy()
-        with open_dict(other):
-            other.method = node
-        out.append(other.method)
-    return out
-
-
-def build_methods(cfg: DictConfig) -> tuple[Method, list[Method]]:
-    """The run's method and its ``compare`` methods, built (every config checked); their names
-    must differ (each names its results/, artifacts/ and report row)."""
-    method = build_method(cfg.method)
-    others = [build_method(node, f"compare[{i}]") for i, node in enumerate(compare_methods(cfg))]
-    names = [m.name for m in (method, *others)]
-    if len(set(names)) < len(names):
-        raise ConfigError(
-            f"compare={OmegaConf.to_container(cfg.compare)}: the methods' names {names} repeat; "
-            "each method of a run needs its own name (give a compare entry one: {method: "
-            "<config>, name: <name>, ...})"
-        )
-    return method, others
-
-
-def select(cfg: DictConfig, data: PapiData) -> list[Subject]:
-    """The subjects ``cfg.dataset`` selects (cases, sample, limit, shard)."""
-    ds = cfg.dataset
-    return select_subjects(
-        data.subjects,
-        limit=ds.limit,
-        cases=ds.cases,
-        sample=ds.sample,
-        seed=ds.seed,
-        shard=ds.get("shard"),
-    )
-
-
 def selection_score(rows: Sequence[dict]) -> float | None:
     """Mean over subjects of the cross-validated Score of the chosen hyper-parameters on the
     subjects' own alignment items (``align_info.selection_score``, e.g. PAS under
@@ -399,26 +235,6 @@ def selection_score(rows: Sequence[dict]) -> float | None:
     if not rows or any(s is None for s in scores):
         return None
     return float(np.mean(scores))
-
-
-def check_objective(cfg: DictConfig, method: Method) -> None:
-    """Before any work: ``cfg.optimized_metric`` (what a Hydra sweeper minimises) may only be
-    ``selection_score``, and only for a method that selects on the alignment items; choosing
-    hyper-parameters by the test Score would leak the test items into the result."""
-    metric = cfg.get("optimized_metric")
-    if not metric:
-        return
-    if metric != "selection_score":
-        raise ConfigError(
-            f"optimized_metric={metric!r}: only 'selection_score' (on the subjects' own "
-            "alignment items) may be optimised; the test Score would leak the test items"
-        )
-    if not method.selects_on_alignment_items:
-        raise ConfigError(
-            f"optimized_metric=selection_score: method {method.name} under "
-            f"protocol={cfg.protocol.name} selects nothing on the alignment items "
-            "(PAS needs protocol=clean)"
-        )
 
 
 def objective(cfg: DictConfig, summary: dict) -> float | None:
@@ -480,32 +296,20 @@ def run(cfg: DictConfig) -> dict:
     With ``resume=<run dir>`` the subjects already finished there are not evaluated again.
 
     Everything is checked before any work: the run dir (writable, not held by another run,
-    resume allowed), the device, the data and the subject selection, every method's config
-    (``compare`` entries included). Only then is ``config.yaml`` written and the model loaded."""
+    resume allowed), then the run's :func:`~palign.config.plan` (the data and the subject
+    selection, every method's config with the ``compare`` entries, the device). Only then is
+    ``config.yaml`` written and the model loaded."""
     run_dir = RunDir(cfg.paths.output_dir)
     run_dir.check_writable()
     check_resume(cfg, run_dir)
-    data = load_papi(cfg.dataset.root, coding=cfg.protocol.coding)
-    subjects = select(cfg, data)
-    method, others = build_methods(cfg)
-    check_objective(cfg, method)
-    uses_llm = any(m.uses_llm for m in (method, *others))
-    if uses_llm:
-        check_device(cfg.hardware.device)
-        check_precision(cfg.hardware.precision)
+    checked = plan(cfg)
     with run_dir.lock(), logging_redirect_tqdm():  # log lines above the bars, not through them
-        return _run(cfg, run_dir, data, subjects, method, others, uses_llm)
+        return _run(cfg, run_dir, checked)
 
 
-def _run(
-    cfg: DictConfig,
-    run_dir: RunDir,
-    data: PapiData,
-    subjects: list[Subject],
-    method: Method,
-    others: list[Method],
-    uses_llm: bool,
-) -> dict:
+def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
+    data, subjects, method, others = checked.data, checked.subjects, checked.method, checked.others
+    uses_llm = checked.uses_llm
     check_resume(cfg, run_dir)  # again, now that no other run can start here
     for key, value in (cfg.hardware.get("env") or {}).items():
         os.environ.setdefault(str(key), str(value))

@@ -1,4 +1,5 @@
-"""Every answer of a run, item by item: one CSV file per method and subject.
+"""A method's answers (:class:`Answers`), and every answer of a run, item by item: one CSV file
+per method and subject.
 
 ``answers/<method>/<case>.csv`` in the run dir, read with ``pandas.read_csv``; one line per test
 item (and, where the evaluation chose a hyper-parameter among candidates, per candidate):
@@ -21,6 +22,7 @@ recomputing them from the files gives the run's numbers exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,39 @@ from palign.constants import OPTION_LETTERS
 from palign.data.papi import Item
 from palign.eval.metrics import SubjectMetrics, metrics_of
 from palign.rundir import write_atomic
+
+
+@dataclass
+class Answers:
+    """A method's answers to ``n`` items.
+
+    ``scores``: (n,) raw answers 1..5, 0 where no answer could be parsed.
+    ``probs``: (n, 5) probabilities of options A..E (logit scoring), else None.
+    ``texts``: generated texts (generative scoring), else None.
+    ``setting``: (name, value) of the hyper-parameter they were answered under (PAS: alpha).
+    """
+
+    scores: np.ndarray
+    probs: np.ndarray | None = None
+    texts: list[str] | None = None
+    setting: tuple[str, float] | None = None
+
+    def __getitem__(self, rows: slice) -> Answers:
+        """The answers of ``rows`` (a slice of the items)."""
+        return Answers(
+            scores=self.scores[rows],
+            probs=None if self.probs is None else self.probs[rows],
+            texts=None if self.texts is None else self.texts[rows],
+            setting=self.setting,
+        )
+
+    @property
+    def expected(self) -> np.ndarray | None:
+        """(n,) expected raw answer under ``probs`` (A=5 ... E=1)."""
+        if self.probs is None:
+            return None
+        return self.probs @ np.arange(5, 0, -1, dtype=self.probs.dtype)
+
 
 PROB_COLUMNS = tuple(f"p_{letter}" for letter in OPTION_LETTERS)
 COLUMNS = (
@@ -57,7 +92,7 @@ def answer_table(
     answers,
     selected: bool = True,
 ) -> pd.DataFrame:
-    """The lines of one subject's :class:`~palign.methods.base.Answers` to ``items``."""
+    """The lines of one subject's :class:`Answers` to ``items``."""
     n = len(items)
     scores = np.asarray(answers.scores, dtype=np.int64)
     if scores.shape != (n,):

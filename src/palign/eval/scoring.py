@@ -25,6 +25,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -34,13 +35,12 @@ from torch.utils.data import DataLoader
 from palign.constants import LETTER_SCORE, OPTION_LETTERS, UNPARSED
 from palign.data.papi import Item
 from palign.errors import ModelError
+from palign.eval.answers import Answers
 from palign.eval.prompts import PromptRenderer, item_question
-from palign.methods.base import Answers
 from palign.models.batching import left_pad, position_ids
 from palign.models.loading import LoadedModel
 from palign.models.placement import make_trainer
 from palign.progress import BatchBar
-from palign.schema import ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,42 @@ PARSE_RULES = ("reference", "word")
 _REFERENCE = re.compile(r"[abcdeABCDE][^a-zA-Z]")
 #: palign's: an option letter standing alone (no letter on either side).
 _WORD = re.compile(r"(?<![a-zA-Z])[abcdeABCDE](?![a-zA-Z])")
+
+
+@dataclass
+class ScoringConfig:
+    """How LLM answers are read (``scoring`` in ``conf/config.yaml``, where ``mode``, ``parse``
+    and ``strip_period`` come from the protocol and ``batch_size`` from the hardware)."""
+
+    mode: str = field(
+        default="logit",
+        metadata={"help": "logit (option probabilities) or generate (parse generated text)"},
+    )
+    answer_prefix: str = field(
+        default="Option (", metadata={"help": "logit mode: the assistant turn up to the letter"}
+    )
+    generate_prefix: str = field(
+        default="Option", metadata={"help": "generate mode: the prefill before decoding"}
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "rows per forward (halved on out-of-memory)"}
+    )
+    max_new_tokens: int = field(
+        default=15, metadata={"help": "generate mode: tokens decoded per answer"}
+    )
+    parse_window: int = field(
+        default=12, metadata={"help": "generate mode: characters read for the letter"}
+    )
+    parse: str = field(
+        default="word",
+        metadata={"help": "generate mode: word (a letter standing alone) or reference"},
+    )
+    strip_period: bool = field(
+        default=True, metadata={"help": "statements without their final period"}
+    )
+    use_chat_template: bool = field(
+        default=True, metadata={"help": "prompts through the tokenizer's chat template"}
+    )
 
 
 class ScoringError(ModelError):

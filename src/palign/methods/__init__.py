@@ -1,6 +1,13 @@
 """Alignment methods behind one interface (see :mod:`palign.methods.base`)."""
 
-from palign.methods.base import Answers, Artifact, Method, MethodContext
+from palign.methods.base import (
+    Answers,
+    Artifact,
+    Method,
+    MethodContext,
+    MethodSettings,
+    setting,
+)
 from palign.methods.prompting import FewShot, NoChange, PersonalityPrompt
 from palign.methods.statistical import BASELINES, Constant, ItemMean, TraitMean
 
@@ -13,7 +20,9 @@ __all__ = [
     "ItemMean",
     "Method",
     "MethodContext",
+    "MethodSettings",
     "NoChange",
     "PersonalityPrompt",
     "TraitMean",
+    "setting",
 ]

@@ -4,54 +4,29 @@ A method is set up once per run (:meth:`Method.setup`), then for each subject it
 subject's alignment items (the 120 IPIP-NEO-120 answers), returning an :class:`Artifact`, and
 *answers* items with that artifact. The runner never looks inside an artifact, so PAS
 (interventions), DPO/PPO (adapters) and prompting methods (system prompts) plug in alike.
+
+A method's settings are one dataclass beside it (:class:`MethodSettings`, named by the class's
+``Settings``), in the style of TRL's ``DPOConfig`` beside ``DPOTrainer``: each field's type,
+default, help and check in one place (:func:`setting`), shared settings inherited. The config
+node Hydra composes for ``method=<name>`` is derived from it (:mod:`palign.config.schema`), and
+``palign settings method=<name>`` lists it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from palign.data.papi import Item, PapiData, Subject
+from palign.errors import ConfigError
+from palign.eval.answers import Answers
+from palign.methods.checks import Check
 
 if TYPE_CHECKING:
     from palign.eval.scoring import Scorer
-
-
-@dataclass
-class Answers:
-    """A method's answers to ``n`` items.
-
-    ``scores``: (n,) raw answers 1..5, 0 where no answer could be parsed.
-    ``probs``: (n, 5) probabilities of options A..E (logit scoring), else None.
-    ``texts``: generated texts (generative scoring), else None.
-    ``setting``: (name, value) of the hyper-parameter they were answered under (PAS: alpha).
-    """
-
-    scores: np.ndarray
-    probs: np.ndarray | None = None
-    texts: list[str] | None = None
-    setting: tuple[str, float] | None = None
-
-    def __getitem__(self, rows: slice) -> Answers:
-        """The answers of ``rows`` (a slice of the items)."""
-        return Answers(
-            scores=self.scores[rows],
-            probs=None if self.probs is None else self.probs[rows],
-            texts=None if self.texts is None else self.texts[rows],
-            setting=self.setting,
-        )
-
-    @property
-    def expected(self) -> np.ndarray | None:
-        """(n,) expected raw answer under ``probs`` (A=5 ... E=1)."""
-        if self.probs is None:
-            return None
-        return self.probs @ np.arange(5, 0, -1, dtype=self.probs.dtype)
 
 
 @dataclass
@@ -98,10 +73,73 @@ class MethodContext:
     scorer: Scorer | None = None
 
 
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    check: Check | None = None,
+    follows: str | None = None,
+) -> Any:
+    """A field of a :class:`MethodSettings` dataclass: its ``default`` (a list is copied per
+    instance), ``help`` (what ``palign settings`` shows), ``check`` (one of
+    :mod:`palign.methods.checks`' rules: it returns the plain value or raises one error line
+    naming ``method.<field>``) and, where a run's config supplies the default, the config key it
+    ``follows`` (``seed``, ``hardware.precision``, ``protocol.pas.split``)."""
+    metadata = {"help": help, "check": check, "follows": follows}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def redefault(settings: type[MethodSettings], name: str, default: Any) -> Any:
+    """The field ``name`` of ``settings`` with another ``default`` (help and check inherited),
+    for a subclass whose method has its own default (PPO's learning rate)."""
+    inherited = settings.__dataclass_fields__[name].metadata
+    return setting(default, inherited["help"], inherited["check"], inherited["follows"])
+
+
+@dataclass
+class MethodSettings:
+    """A method's settings (none here: subclasses add fields made with :func:`setting`).
+
+    Building one checks every field in declaration order (each field's ``check``, which also
+    turns config values such as ``ListConfig`` into plain Python ones), then :meth:`check_all`
+    (rules between fields). A failed check raises ``error`` (:class:`ConfigError`, or the
+    method's own subclass of it) with one line: ``method.steps=0: must be an integer >= 1``."""
+
+    error: ClassVar[type[ConfigError]] = ConfigError
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            rule = f.metadata.get("check")
+            if rule is not None:
+                setattr(self, f.name, rule(f.name, getattr(self, f.name), self.error))
+        self.check_all()
+
+    def check_all(self) -> None:
+        """Rules between fields (after each field passed its own check)."""
+
+    @classmethod
+    def described(cls) -> list[tuple[Field, str]]:
+        """Each field with its type as written, for ``palign settings``."""
+        return [(f, f.type if isinstance(f.type, str) else f.type.__name__) for f in fields(cls)]
+
+    @classmethod
+    def default_of(cls, f: Field) -> Any:
+        """The default of field ``f`` (MISSING where it has none)."""
+        if f.default_factory is not MISSING:
+            return f.default_factory()
+        return f.default
+
+
 class Method(ABC):
-    """Base class of all methods. ``uses_llm`` tells the runner whether to load a model."""
+    """Base class of all methods. ``uses_llm`` tells the runner whether to load a model.
+
+    ``Settings`` is the method's settings dataclass: ``Method(**values)`` checks ``values``
+    through it (an unknown name is one error line listing the settings) and keeps the result
+    as ``self.settings``; each setting is also an attribute of the method (``self.top_k``)."""
 
     name: str = "method"
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
     uses_llm: bool = False
     #: How many subjects the runner hands :meth:`align_group` / :meth:`answer_group` at once
     #: (methods that batch subjects on the device set it above 1).
@@ -109,6 +147,18 @@ class Method(ABC):
     #: Whether aligning chooses hyper-parameters by cross-validation on the alignment items
     #: (recorded as ``align_info.selection_score``, the objective of ``hparams_search``).
     selects_on_alignment_items: bool = False
+
+    def __init__(self, **values: Any):
+        known = [f.name for f in fields(self.Settings)]
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise ConfigError(
+                f"method.{unknown[0]}: {type(self).__name__} has no setting {unknown[0]!r} "
+                f"(settings: {', '.join(known) or 'none'})"
+            )
+        self.settings = self.Settings(**values)
+        for f in fields(self.settings):
+            setattr(self, f.name, getattr(self.settings, f.name))
 
     def setup(self, context: MethodContext) -> None:
         self.context = context

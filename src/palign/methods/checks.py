@@ -1,6 +1,8 @@
-"""Checks of a method's config values, run by its constructor before any work is done.
+"""Checks of a method's config values, run when its settings are built, before any work is done.
 
-Every failed check raises :class:`palign.errors.ConfigError` (or the subclass passed as
+The ``check_*`` functions check one value; those taking ``(key, value, error)`` serve as a
+settings field's :data:`Check` as they are (:func:`palign.methods.base.setting`), and
+:func:`integer`, :func:`number` and :func:`choice` make one with bounds or options. Every failed check raises :class:`palign.errors.ConfigError` (or the subclass passed as
 ``error``) with one line that names the key, the value and what is allowed, e.g.
 ``method.steps=0: must be an integer >= 1``. Values arrive as Hydra gives them: YAML numbers,
 strings from command-line overrides, ``ListConfig`` for lists. Each check returns the value as a
@@ -10,8 +12,9 @@ plain Python object (``int``, ``float``, ``bool``, ``list``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
+from typing import Any
 
 from palign.errors import ConfigError
 
@@ -150,3 +153,24 @@ def check_numbers(key: str, value: object, error: type[ConfigError] = ConfigErro
 def check_seed(key: str, value: object, error: type[ConfigError] = ConfigError) -> int:
     """A random seed: an integer >= 0 (numpy's generators refuse negative seeds)."""
     return check_int(key, value, 0, error=error)
+
+
+#: A settings field's rule: ``(key, value, error class) -> the value as plain Python``.
+Check = Callable[[str, Any, type[ConfigError]], Any]
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
+    """An int within [minimum, maximum] (:func:`check_int`)."""
+    return lambda key, value, error: check_int(key, value, minimum, maximum, error)
+
+
+def number(**bounds: float) -> Check:
+    """A finite float within ``bounds`` (:func:`check_number`'s ``above``, ``at_least``,
+    ``below``, ``at_most``)."""
+    return lambda key, value, error: check_number(key, value, error=error, **bounds)
+
+
+def choice(*allowed: str) -> Check:
+    """One of ``allowed`` (:func:`check_choice`)."""
+    return lambda key, value, error: check_choice(key, value, allowed, error)
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -20,8 +21,9 @@ from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
 from palign.errors import ConfigError
-from palign.methods.checks import check_bool, check_choice, check_int, check_number
-from palign.methods.lora import AdapterArtifact, LoraMethod, answer_completion
+from palign.methods.base import setting
+from palign.methods.checks import check_bool, choice, integer, number
+from palign.methods.lora import AdapterArtifact, LoraMethod, LoraSettings, answer_completion
 from palign.models.batching import last_token_logprobs, left_pad
 
 REJECTED = ("opposite", "all_others")
@@ -138,38 +140,40 @@ class DPOModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+@dataclass
+class DPOSettings(LoraSettings):
+    """DPO's settings beside the LoRA ones; defaults from the paper (AdamW, lr 5e-4, 100 warm-up
+    steps, weight decay 0.05, effective batch 16, 250 steps)."""
+
+    beta: float = setting(0.1, "DPO's KL strength beta", number(above=0))
+    warmup_steps: int = setting(100, "linear warm-up steps of the learning rate", integer(0))
+    weight_decay: float = setting(0.05, "AdamW weight decay", number(at_least=0))
+    micro_batch_size: int = setting(
+        4, "pairs per forward (batch_size is a multiple of it)", integer(1)
+    )
+    rejected: str = setting(
+        "opposite",
+        "rejected answers: the opposite extreme (6 - v) or all_others",
+        choice(*REJECTED),
+    )
+    keep_neutral: bool = setting(
+        False, "keep items answered 3 (no clear preference)", check_bool
+    )
+
+    def check_all(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"method.batch_size={self.batch_size} is not a multiple of "
+                f"method.micro_batch_size={self.micro_batch_size}"
+            )
+
+
 class DPO(LoraMethod):
-    """See the module docstring; defaults from the paper (``conf/method/dpo.yaml``)."""
+    """DPO on a LoRA adapter per subject: the subject's answers chosen, the opposite (or every
+    other) answer rejected; reference = the adapter disabled (see the module docstring)."""
 
     name = "dpo"
-
-    def __init__(
-        self,
-        beta: float = 0.1,
-        lr: float = 5e-4,
-        warmup_steps: int = 100,
-        weight_decay: float = 0.05,
-        batch_size: int = 16,
-        micro_batch_size: int = 4,
-        steps: int = 250,
-        rejected: str = "opposite",
-        keep_neutral: bool = False,
-        **lora,
-    ):
-        super().__init__(**lora)
-        self.beta = check_number("beta", beta, above=0)
-        self.lr = check_number("lr", lr, above=0)
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
-        self.weight_decay = check_number("weight_decay", weight_decay, at_least=0)
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.micro_batch_size = check_int("micro_batch_size", micro_batch_size, 1)
-        if batch_size % micro_batch_size:
-            raise ConfigError(
-                f"method.batch_size={batch_size} is not a multiple of method.micro_batch_size={micro_batch_size}"
-            )
-        self.steps = check_int("steps", steps, 1)
-        self.rejected = check_choice("rejected", rejected, REJECTED)
-        self.keep_neutral = check_bool("keep_neutral", keep_neutral)
+    Settings = DPOSettings
 
     def _batches(self, subject: Subject, items: Sequence[Item]) -> PairBatches:
         pairs = preference_pairs(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -19,8 +20,8 @@ import torch
 from palign.constants import ANSWER_LABELS, OPTION_LETTERS
 from palign.data.papi import Item, Subject
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
-from palign.methods.base import Answers, Artifact, Method, MethodContext
-from palign.methods.checks import check_int, check_names, check_number, check_seed, is_int
+from palign.methods.base import Answers, Artifact, Method, MethodContext, MethodSettings, setting
+from palign.methods.checks import check_names, check_seed, integer, number
 from palign.models.placement import check_precision, make_trainer
 from palign.progress import StepBar
 
@@ -109,31 +110,53 @@ def adapter_applied(loaded, directory: str | Path):
         peft_model.unload()
 
 
+def _precision(key: str, value: object, error: type) -> str:
+    """A Lightning precision that keeps the loaded weights (worded as ``hardware.precision``,
+    where a run's value comes from: :func:`palign.models.placement.check_precision`)."""
+    return check_precision(value)
+
+
+@dataclass
+class LoraSettings(MethodSettings):
+    """What every adapter-training method has (DPO, PPO): the optimiser's learning rate, batch
+    and steps, and the LoRA adapter's shape."""
+
+    lr: float = setting(5e-4, "learning rate (AdamW)", number(above=0))
+    batch_size: int = setting(16, "examples per optimiser step", integer(1))
+    steps: int = setting(250, "optimiser steps per subject", integer(1))
+    lora_r: int = setting(16, "LoRA rank", integer(1))
+    lora_alpha: float = setting(100, "LoRA scaling alpha", number(above=0))
+    lora_dropout: float = setting(0.05, "LoRA dropout", number(at_least=0, below=1))
+    target_modules: list[str] = setting(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "module names given LoRA adapters", check_names
+    )
+    seed: int = setting(
+        0, "seed of the adapter's initialisation and data order", check_seed, follows="seed"
+    )
+    precision: str = setting(
+        "32-true",
+        "Lightning precision of training (the weights stay as loaded)",
+        _precision,
+        follows="hardware.precision",
+    )
+
+
 class LoraMethod(Method):
-    """Base of adapter-training methods: wraps the model once, resets the adapter per subject."""
+    """Base of adapter-training methods: wraps the model once, resets the adapter per subject.
+    ``self.lora``: the adapter's PEFT settings (r, alpha, dropout, target modules)."""
 
     uses_llm = True
+    Settings = LoraSettings
 
-    def __init__(
-        self,
-        lora_r: int = 16,
-        lora_alpha: int = 100,
-        lora_dropout: float = 0.05,
-        target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-        seed: int = 0,
-        precision: str = "32-true",
-    ):
-        r = check_int("lora_r", lora_r, 1)
-        alpha = check_number("lora_alpha", lora_alpha, above=0)
+    def __init__(self, **values: Any):
+        super().__init__(**values)
+        alpha = self.lora_alpha
         self.lora = dict(
-            r=r,
-            lora_alpha=int(alpha) if is_int(lora_alpha) else alpha,  # as written in adapter.json
-            lora_dropout=check_number("lora_dropout", lora_dropout, at_least=0, below=1),
-            target_modules=check_names("target_modules", target_modules),
+            r=self.lora_r,
+            lora_alpha=int(alpha) if alpha.is_integer() else alpha,  # 100, not 100.0
+            lora_dropout=self.lora_dropout,
+            target_modules=self.target_modules,
         )
-        self.seed = check_seed("seed", seed)
-        #: Lightning precision of training (``hardware.precision``; the weights stay as loaded).
-        self.precision = check_precision(precision)
 
     def setup(self, context: MethodContext) -> None:
         from peft import LoraConfig, get_peft_model

@@ -32,21 +32,30 @@ from tqdm.auto import tqdm
 
 from palign.constants import TRAITS
 from palign.data.papi import Item, Subject
+from palign.errors import PASError
 from palign.eval.metrics import best_candidate
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
-from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
+from palign.methods.base import (
+    Answers,
+    Artifact,
+    Candidates,
+    Method,
+    MethodContext,
+    MethodSettings,
+    setting,
+)
 from palign.methods.checks import (
     check_bool,
-    check_choice,
-    check_int,
-    check_number,
     check_numbers,
     check_seed,
+    choice,
     fail,
+    integer,
     is_int,
+    number,
 )
 from palign.pas.activations import SHAPES, contrastive_activations
-from palign.pas.heads import HeadShift, PASError, head_layout
+from palign.pas.heads import HeadShift, head_layout
 from palign.pas.probes import (
     SPLITS,
     TIES,
@@ -65,7 +74,7 @@ RANKINGS = ("val", "mean_train_val")
 ALIGNMENT_ITEMS = 120
 
 
-def check_layers(layers: object) -> tuple[int, int] | None:
+def check_layers(key: str, layers: object, error: type[PASError] = PASError) -> list[int] | None:
     """``method.layers``: null (all layers) or ``[first, last)`` with ``0 <= first < last`` (the
     model's layer count bounds ``last`` at set-up)."""
     if layers is None:
@@ -77,8 +86,102 @@ def check_layers(layers: object) -> tuple[int, int] | None:
         or not all(is_int(v) for v in layers)
         or not 0 <= layers[0] < layers[1]
     ):
-        raise fail("layers", layers, "null or [first, last) with 0 <= first < last", PASError)
-    return int(layers[0]), int(layers[1])
+        raise fail(key, layers, "null or [first, last) with 0 <= first < last", error)
+    return [int(layers[0]), int(layers[1])]
+
+
+@dataclass
+class PASSettings(MethodSettings):
+    """PAS's settings. Those that ``follow`` a ``protocol.pas`` key take the protocol's value in
+    a run (``conf/protocol/paper.yaml`` sets the reference's; the defaults here are clean's)."""
+
+    error = PASError
+
+    top_k: int = setting(24, "heads shifted: the top K by probe accuracy", integer(1))
+    alphas: list[float] = setting(
+        [0, 1, 2, 4, 6, 8],
+        "candidate strengths alpha (each kept head shifted by alpha * sigma along its direction)",
+        check_numbers,
+    )
+    folds: int = setting(
+        4, "k of the k-fold choice of alpha on the alignment items (selection=alignment_items)",
+        integer(),
+    )
+    selection: str = setting(
+        "alignment_items",
+        "where alpha is chosen: alignment_items (k-fold on the subject's 120 items; clean) or "
+        "test_items (the reference's choice on the test answers; paper)",
+        choice(*SELECTIONS),
+        follows="protocol.pas.selection",
+    )
+    ranking: str = setting(
+        "val",
+        "head ranking: val (validation accuracy; clean) or mean_train_val (paper)",
+        choice(*RANKINGS),
+        follows="protocol.pas.ranking",
+    )
+    direction: str = setting(
+        "mass_mean",
+        "shift direction: mass_mean (difference of class means) or probe (the probe's weights)",
+        choice(*DIRECTIONS),
+    )
+    per_trait: bool = setting(
+        False, "one intervention per trait, applied to that trait's items", check_bool
+    )
+    with_context: bool = setting(
+        False,
+        "answer with the subject's 120 answers as few-shot context too (always under paper)",
+        check_bool,
+        follows="protocol.pas.with_context",
+    )
+    split: str = setting(
+        "item",
+        "probe train/validation split: by item (an item's A and E rows on one side; clean) or "
+        "by row (paper)",
+        choice(*SPLITS),
+        follows="protocol.pas.split",
+    )
+    ties: str = setting(
+        "first",
+        "equal probe accuracies: the first or the last head first (paper: last)",
+        choice(*TIES),
+        follows="protocol.pas.ties",
+    )
+    contrastive: str = setting(
+        "scoring",
+        "contrastive prompts shaped as scoring reads answers (clean) or as the reference (paper)",
+        choice(*SHAPES),
+        follows="protocol.pas.contrastive",
+    )
+    layers: list[int] | None = setting(
+        None, "[first, last) layers of the candidate heads; null: all layers", check_layers
+    )
+    train_fraction: float = setting(
+        0.6, "share of items (or rows) the probes train on", number(above=0, below=1)
+    )
+    probe_c: float = setting(1.0, "inverse L2 strength of the logistic probes", number(above=0))
+    subject_batch: int = setting(
+        8, "subjects per batched probe fit and per scorer run (rows x variants)", integer(1)
+    )
+    seed: int = setting(0, "seed of the probe splits and alpha folds", check_seed, follows="seed")
+
+    def check_all(self) -> None:
+        if self.selection == "alignment_items" and not 2 <= self.folds <= ALIGNMENT_ITEMS:
+            raise fail(
+                "folds",
+                self.folds,
+                f"an integer in 2..{ALIGNMENT_ITEMS} (k-fold alpha selection splits the "
+                f"{ALIGNMENT_ITEMS} alignment items into folds)",
+                PASError,
+            )
+        if not 1 <= round(self.train_fraction * ALIGNMENT_ITEMS) <= ALIGNMENT_ITEMS - 1:
+            raise fail(
+                "train_fraction",
+                self.train_fraction,
+                f"a number in (0, 1) that leaves at least one of the {ALIGNMENT_ITEMS} alignment "
+                "items on each side of the probe train/validation split",
+                PASError,
+            )
 
 
 @dataclass
@@ -104,70 +207,15 @@ class PASArtifact(Artifact):
 
 
 class PAS(Method):
-    """See the module docstring. ``layers``: [first, last) layer range of candidate heads;
-    ``subject_batch``: subjects aligned and evaluated together (their probes in one batched fit,
-    their shifted heads as per-row variants of one forward)."""
+    """Personality Activation Search: probe every attention head, shift the top K along the
+    subject's direction by alpha * sigma, choose alpha (see the module docstring).
+
+    ``subject_batch`` subjects are aligned and evaluated together (their probes in one batched
+    fit, their shifted heads as per-row variants of one forward)."""
 
     name = "pas"
     uses_llm = True
-
-    def __init__(
-        self,
-        top_k: int = 24,
-        alphas: Sequence[float] = (0, 1, 2, 4, 6, 8),
-        folds: int = 4,
-        selection: str = "alignment_items",
-        ranking: str = "val",
-        direction: str = "mass_mean",
-        per_trait: bool = False,
-        with_context: bool = False,
-        layers: Sequence[int] | None = None,
-        train_fraction: float = 0.6,
-        probe_c: float = 1.0,
-        split: str = "item",
-        ties: str = "first",
-        contrastive: str = "scoring",
-        subject_batch: int = 8,
-        seed: int = 0,
-    ):
-        e = PASError
-        self.selection = check_choice("selection", selection, SELECTIONS, e)
-        self.direction = check_choice("direction", direction, DIRECTIONS, e)
-        self.ranking = check_choice("ranking", ranking, RANKINGS, e)
-        self.split = check_choice("split", split, SPLITS, e)
-        self.ties = check_choice("ties", ties, TIES, e)
-        self.contrastive = check_choice("contrastive", contrastive, SHAPES, e)
-        # The upper bound (the candidate heads of the model's layers) is checked at set-up.
-        self.top_k = check_int("top_k", top_k, 1, error=e)
-        self.alphas = check_numbers("alphas", alphas, e)
-        self.folds = check_int("folds", folds, error=e)
-        if self.selection == "alignment_items" and not 2 <= folds <= ALIGNMENT_ITEMS:
-            raise fail(
-                "folds",
-                folds,
-                f"an integer in 2..{ALIGNMENT_ITEMS} (k-fold alpha selection splits the "
-                f"{ALIGNMENT_ITEMS} alignment items into folds)",
-                e,
-            )
-        self.per_trait = check_bool("per_trait", per_trait, e)
-        self.with_context = check_bool("with_context", with_context, e)
-        self.layers = check_layers(layers)
-        self.train_fraction = check_number(
-            "train_fraction", train_fraction, above=0, below=1, error=e
-        )
-        if not 1 <= round(train_fraction * ALIGNMENT_ITEMS) <= ALIGNMENT_ITEMS - 1:
-            raise fail(
-                "train_fraction",
-                train_fraction,
-                f"a number in (0, 1) that leaves at least one of the {ALIGNMENT_ITEMS} alignment "
-                "items on each side of the probe train/validation split",
-                e,
-            )
-        self.probe_c = check_number("probe_c", probe_c, above=0, error=e)
-        if is_int(subject_batch) and subject_batch < 1:  # the wording tests/test_pas.py expects
-            raise PASError(f"method.subject_batch={subject_batch} must be >= 1")
-        self.subject_batch = check_int("subject_batch", subject_batch, 1, error=e)
-        self.seed = check_seed("seed", seed, e)
+    Settings = PASSettings
 
     @property
     def selects_on_alignment_items(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -30,8 +31,9 @@ from torch.utils.data import DataLoader
 
 from palign.data.papi import Item, Subject
 from palign.eval.scoring import eos_ids, parse_answer
-from palign.methods.checks import check_bool, check_int, check_number
-from palign.methods.lora import AdapterArtifact, LoraMethod
+from palign.methods.base import redefault, setting
+from palign.methods.checks import check_bool, integer, number
+from palign.methods.lora import AdapterArtifact, LoraMethod, LoraSettings
 from palign.models.batching import last_token_logprobs, left_pad
 
 UNPARSED_REWARD = -6.0
@@ -242,38 +244,31 @@ class PPOModule(L.LightningModule):
         self.log_dict({f"ppo/{k}": v for k, v in stats.items()})
 
 
+@dataclass
+class PPOSettings(LoraSettings):
+    """PPO's settings beside the LoRA ones; defaults from the paper (lr 1.41e-5, batch 16, LoRA
+    alpha 100, 250 steps)."""
+
+    lr: float = redefault(LoraSettings, "lr", 1.41e-5)
+    ppo_epochs: int = setting(1, "PPO epochs per batch of rollouts", integer(1))
+    kl_coef: float = setting(0.05, "KL penalty to the reference model", number(at_least=0))
+    clip: float = setting(0.2, "PPO's probability-ratio clip", number(above=0))
+    vf_coef: float = setting(0.1, "value loss weight", number(at_least=0))
+    gamma: float = setting(1.0, "discount", number(at_least=0, at_most=1))
+    lam: float = setting(0.95, "GAE lambda", number(at_least=0, at_most=1))
+    max_new_tokens: int = setting(15, "tokens generated per rollout", integer(1))
+    prefill: bool = setting(
+        True, "generate after the prefilled answer prefix (\"Option (\")", check_bool
+    )
+
+
 class PPO(LoraMethod):
-    """See the module docstring; defaults from the paper (``conf/method/ppo.yaml``)."""
+    """Reward-scored PPO on a LoRA adapter per subject: reward = -|answer - the subject's
+    answer|, -6 when unparseable, with a KL penalty to the adapter-free model (see the module
+    docstring)."""
 
     name = "ppo"
-
-    def __init__(
-        self,
-        lr: float = 1.41e-5,
-        batch_size: int = 16,
-        steps: int = 250,
-        ppo_epochs: int = 1,
-        kl_coef: float = 0.05,
-        clip: float = 0.2,
-        vf_coef: float = 0.1,
-        gamma: float = 1.0,
-        lam: float = 0.95,
-        max_new_tokens: int = 15,
-        prefill: bool = True,
-        **lora,
-    ):
-        super().__init__(**lora)
-        self.lr = check_number("lr", lr, above=0)
-        self.batch_size = check_int("batch_size", batch_size, 1)
-        self.steps = check_int("steps", steps, 1)
-        self.ppo_epochs = check_int("ppo_epochs", ppo_epochs, 1)
-        self.kl_coef = check_number("kl_coef", kl_coef, at_least=0)
-        self.clip = check_number("clip", clip, above=0)
-        self.vf_coef = check_number("vf_coef", vf_coef, at_least=0)
-        self.gamma = check_number("gamma", gamma, at_least=0, at_most=1)
-        self.lam = check_number("lam", lam, at_least=0, at_most=1)
-        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
-        self.prefill = check_bool("prefill", prefill)
+    Settings = PPOSettings
 
     def setup(self, context) -> None:
         super().setup(context)

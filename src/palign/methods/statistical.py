@@ -9,8 +9,8 @@ import numpy as np
 
 from palign.constants import TRAITS
 from palign.data.papi import Item, Subject, keyed
-from palign.methods.base import Answers, Artifact, Method, MethodContext
-from palign.methods.checks import check_int
+from palign.methods.base import Answers, Artifact, Method, MethodContext, MethodSettings, setting
+from palign.methods.checks import integer
 
 
 def round_half_up(x: np.ndarray) -> np.ndarray:
@@ -55,13 +55,16 @@ class TraitArtifact(Artifact):
     trait_means: tuple[float, ...] = ()
 
 
+@dataclass
+class ConstantSettings(MethodSettings):
+    value: int = setting(3, "the answer given to every item, on the 1..5 scale", integer(1, 5))
+
+
 class Constant(Method):
     """Always answers the scale midpoint (3 unless configured)."""
 
     name = "constant"
-
-    def __init__(self, value: int = 3):
-        self.value = check_int("value", value, 1, 5)  # an answer on the 1..5 scale
+    Settings = ConstantSettings
 
     def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
         return Artifact(case=subject.case, meta={"value": self.value})

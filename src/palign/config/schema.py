@@ -1,31 +1,36 @@
-"""Config schemas: one dataclass per config group, stored in Hydra's ConfigStore.
+"""Config schemas: one node per config group, stored in Hydra's ConfigStore.
 
 Each packaged YAML names its schema first in its ``defaults`` (``conf/config.yaml``:
 ``palign_schema``; ``conf/method/pas.yaml``: ``pas_schema``; ...), so Hydra composes every node
-as its dataclass in struct mode: a key the schema does not have (a misspelt ``method.topk`` in a
-YAML file, an ``+method.topk=8`` override) fails at compose time, naming the key, before palign
+against it in struct mode: a key the schema does not have (a misspelt ``method.topk`` in a YAML
+file, a ``method.topk=8`` override) fails at compose time, naming the key, before palign
 starts. Field help is in ``metadata["help"]`` (as TRL's config dataclasses).
 
-Method settings (and the model's) are annotated ``Any``: their values arrive as YAML numbers,
-command-line strings or sweep choices, and each method's constructor checks them with one line
-naming the key, the value and what is allowed (:mod:`palign.methods.checks`); the schema owns the
-keys. The scorer's settings are typed here and used as-is by :class:`palign.eval.scoring.Scorer`.
+A method's node is derived from the method's settings dataclass (``Method.Settings``, see
+:class:`palign.methods.base.MethodSettings`): its keys and defaults (``_target_`` the class,
+``name`` the class's name), a setting that ``follows`` a run's key as that interpolation
+(``seed: ${seed}``). Its values stay untyped for Hydra: they arrive as YAML numbers,
+command-line strings or sweep choices, and the settings dataclass checks them with one line
+naming the key, the value and what is allowed. ``protocol.pas`` is derived from PAS's settings
+that follow it, with PAS's defaults (protocol=clean); ``protocol/paper.yaml`` sets the
+reference's. The scorer's node is :class:`palign.eval.scoring.ScoringConfig`.
 
-This module imports no model code: ``import palign`` registers the schemas in a fraction of a
-second, before any config is composed. A method of one's own needs no schema (its YAML is then
-composed without one, and :func:`palign.run.build_method` checks its keys against the class's
-constructor); to have Hydra check its keys at compose time, :func:`register` a dataclass
-derived from :class:`MethodConfig` before composing (the Python API) and name it in the YAML's
-``defaults``.
+:func:`register_all` stores them; :func:`compose` (the one way palign composes its configs)
+and ``python -m palign`` call it first. A method of one's own needs no schema: its YAML is
+composed as written, and building it checks its keys against its ``Settings``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass, field, fields
+from functools import cache
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from palign.eval.scoring import ScoringConfig
 
 
 def _help(text: str, default: Any = MISSING, factory: Any = None) -> Any:
@@ -33,82 +38,6 @@ def _help(text: str, default: Any = MISSING, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata={"help": text})
     return field(default=default, metadata={"help": text})
-
-
-# --- methods --------------------------------------------------------------------------------
-
-
-@dataclass
-class MethodConfig:
-    """What every method config has."""
-
-    _target_: str = _help("the Method class (palign.methods.<module>.<Class>, or your own)")
-    name: str = _help(
-        "the method's name in results/, artifacts/, answers/ and the report; by convention the "
-        "config's file name (conf/method/<name>.yaml)"
-    )
-
-
-@dataclass
-class ConstantConfig(MethodConfig):
-    value: Any = _help("the answer given to every item, 1..5", 3)
-
-
-@dataclass
-class PASConfig(MethodConfig):
-    top_k: Any = _help("heads shifted (the top K by probe accuracy), >= 1", 24)
-    alphas: Any = _help("candidate strengths alpha (shift = alpha * sigma along the direction)")
-    folds: Any = _help("k of the k-fold choice of alpha on the alignment items (clean)", 4)
-    selection: Any = _help("where alpha is chosen: alignment_items (clean) or test_items (paper)")
-    ranking: Any = _help("head ranking: val (validation accuracy) or mean_train_val (paper)")
-    direction: Any = _help("shift direction: mass_mean or probe (the probe's weight vector)")
-    per_trait: Any = _help("one intervention per trait, applied to that trait's items", False)
-    with_context: Any = _help("the subject's answers as few-shot context too (paper)")
-    split: Any = _help("probe train/val split by item or by row (paper)")
-    ties: Any = _help("equal accuracies: first or last head first (paper: last)")
-    contrastive: Any = _help("contrastive prompts shaped as scoring or as the reference")
-    layers: Any = _help("[first, last) layers of candidate heads; null = all", None)
-    train_fraction: Any = _help("share of items (or rows) the probes train on", 0.6)
-    probe_c: Any = _help("inverse L2 strength of the logistic probes", 1.0)
-    subject_batch: Any = _help("subjects per batched fit and per scorer run", 8)
-    seed: Any = _help("seed of the probe splits")
-
-
-@dataclass
-class LoRAConfig(MethodConfig):
-    """The LoRA settings DPO and PPO share."""
-
-    lr: Any = _help("learning rate (AdamW)")
-    batch_size: Any = _help("examples per optimiser step")
-    steps: Any = _help("optimiser steps per subject")
-    lora_r: Any = _help("LoRA rank", 16)
-    lora_alpha: Any = _help("LoRA scaling alpha", 100)
-    lora_dropout: Any = _help("LoRA dropout, in [0, 1)", 0.05)
-    target_modules: Any = _help("module names given LoRA adapters")
-    seed: Any = _help("seed of the adapter's initialisation and data order")
-    precision: Any = _help("Lightning precision of training (hardware.precision)")
-
-
-@dataclass
-class DPOConfig(LoRAConfig):
-    beta: Any = _help("DPO's KL strength beta", 0.1)
-    warmup_steps: Any = _help("linear warm-up steps of the learning rate", 100)
-    weight_decay: Any = _help("AdamW weight decay", 0.05)
-    micro_batch_size: Any = _help("examples per forward (batch_size is a multiple of it)", 4)
-    rejected: Any = _help("rejected answers: opposite (one) or all_others", "opposite")
-    keep_neutral: Any = _help("keep items answered 3 (no clear preference)", False)
-
-
-@dataclass
-class PPOConfig(LoRAConfig):
-    ppo_epochs: Any = _help("PPO epochs per batch of rollouts", 1)
-    kl_coef: Any = _help("KL penalty to the reference model", 0.05)
-    clip: Any = _help("PPO's ratio clip", 0.2)
-    vf_coef: Any = _help("value loss weight", 0.1)
-    gamma: Any = _help("discount", 1.0)
-    lam: Any = _help("GAE lambda", 0.95)
-    max_new_tokens: Any = _help("tokens generated per rollout", 15)
-    prefill: Any = _help("generate after the prefilled answer prefix", True)
 
 
 # --- the other groups ---------------------------------------------------------------------
@@ -161,12 +90,7 @@ class ProtocolConfig:
     scoring: str = _help("logit (option probabilities) or generate (parse generated text)")
     parse: str = _help("generate mode: word (a letter standing alone) or reference")
     strip_period: bool = _help("item statements without their final period")
-    pas_selection: str = _help("PAS alpha chosen on alignment_items or test_items")
-    pas_ranking: str = _help("PAS head ranking: val or mean_train_val")
-    pas_context: bool = _help("PAS answers with the subject's answers as context")
-    pas_split: str = _help("PAS probe split: item or row")
-    pas_ties: str = _help("PAS equal accuracies: first or last head first")
-    pas_contrastive: str = _help("PAS contrastive prompts: scoring or reference")
+    pas: Any = _help("PAS's settings under this protocol (derived from PAS's settings)")
 
 
 @dataclass
@@ -216,22 +140,6 @@ class WandbLoggerConfig(LoggerConfig):
 
 
 @dataclass
-class ScoringConfig:
-    """How LLM answers are read (``scoring`` in ``conf/config.yaml``; see
-    :mod:`palign.eval.scoring`)."""
-
-    mode: str = _help("logit (option probabilities) or generate (parse generated text)", "logit")
-    answer_prefix: str = _help("logit mode: the assistant turn up to the option letter", "Option (")
-    generate_prefix: str = _help("generate mode: the prefill before decoding", "Option")
-    batch_size: int = _help("rows per forward (halved on out-of-memory)", 16)
-    max_new_tokens: int = _help("generate mode: tokens decoded per answer", 15)
-    parse_window: int = _help("generate mode: characters read for the letter", 12)
-    parse: str = _help("generate mode: word (a letter standing alone) or reference", "word")
-    strip_period: bool = _help("statements without their final period", True)
-    use_chat_template: bool = _help("prompts through the tokenizer's chat template", True)
-
-
-@dataclass
 class PalignConfig:
     """``conf/config.yaml``: the run."""
 
@@ -255,19 +163,13 @@ class PalignConfig:
     paths: PathsConfig = MISSING
 
 
-#: (group, schema name, dataclass): what :func:`register_all` stores.
+#: (group, schema name, dataclass) of the groups whose nodes are written here.
 SCHEMAS: list[tuple[str | None, str, type]] = [
     (None, "palign_schema", PalignConfig),
-    ("method", "method_schema", MethodConfig),
-    ("method", "constant_schema", ConstantConfig),
-    ("method", "pas_schema", PASConfig),
-    ("method", "dpo_schema", DPOConfig),
-    ("method", "ppo_schema", PPOConfig),
     ("model", "pretrained_schema", PretrainedModelConfig),
     ("model", "gguf_schema", GGUFModelConfig),
     ("model", "random_schema", RandomModelConfig),
     ("dataset", "dataset_schema", DatasetConfig),
-    ("protocol", "protocol_schema", ProtocolConfig),
     ("hardware", "hardware_schema", HardwareConfig),
     ("paths", "paths_schema", PathsConfig),
     ("logger", "csv_schema", FileLoggerConfig),
@@ -275,17 +177,75 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
     ("logger", "wandb_schema", WandbLoggerConfig),
 ]
 
+#: Method schema name -> the Method class whose settings it is derived from.
+METHOD_SCHEMAS = {
+    "method_schema": "palign.methods.base.Method",
+    "constant_schema": "palign.methods.statistical.Constant",
+    "pas_schema": "palign.methods.pas.PAS",
+    "dpo_schema": "palign.methods.dpo.DPO",
+    "ppo_schema": "palign.methods.ppo.PPO",
+}
 
-def register(group: str | None, name: str, schema: type) -> None:
-    """Store ``schema`` (a dataclass) in Hydra's ConfigStore as ``<group>/<name>``: a YAML of
-    that group extends it by naming ``<name>`` first in its ``defaults``."""
-    ConfigStore.instance().store(group=group, name=name, node=schema)
+
+def _default(f) -> Any:
+    """A settings field's default as a config node holds it: the interpolation of the key it
+    follows, else its value (``???`` where it has none)."""
+    if f.metadata.get("follows"):
+        return "${" + f.metadata["follows"] + "}"
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return MISSING if f.default is dataclasses.MISSING else f.default
 
 
+def method_node(method: type) -> DictConfig:
+    """The config node of ``method`` (a Method class): ``_target_`` and ``name`` (the class's,
+    ``???`` for the base class) and one key per setting with its default, in struct mode."""
+    from palign.methods.base import Method
+
+    base = method is Method
+    node = {
+        "_target_": MISSING if base else f"{method.__module__}.{method.__qualname__}",
+        "name": MISSING if base else method.name,
+        **{f.name: _default(f) for f in fields(method.Settings)},
+    }
+    config = OmegaConf.create(node)
+    OmegaConf.set_struct(config, True)
+    return config
+
+
+def protocol_node() -> DictConfig:
+    """:class:`ProtocolConfig` with ``pas``: PAS's settings that follow ``protocol.pas.<key>``,
+    PAS's defaults as their values (protocol=clean's), in struct mode."""
+    from palign.methods.pas import PASSettings
+
+    prefix = "protocol.pas."
+    pas = {
+        f.name: f.default
+        for f in fields(PASSettings)
+        if (f.metadata.get("follows") or "").startswith(prefix)
+    }
+    config = OmegaConf.structured(ProtocolConfig(pas=pas))
+    OmegaConf.set_struct(config, True)
+    return config
+
+
+def register(group: str | None, name: str, node: Any) -> None:
+    """Store ``node`` (a dataclass or config) in Hydra's ConfigStore as ``<group>/<name>``: a
+    YAML of that group extends it by naming ``<name>`` first in its ``defaults``."""
+    ConfigStore.instance().store(group=group, name=name, node=node)
+
+
+@cache
 def register_all() -> None:
-    """Store palign's schemas (:data:`SCHEMAS`); ``import palign`` does it."""
+    """Store palign's schemas (:data:`SCHEMAS`, the methods' of :data:`METHOD_SCHEMAS` and the
+    protocol's) once per process; it imports the methods' modules."""
+    from hydra.utils import get_class
+
     for group, name, schema in SCHEMAS:
         register(group, name, schema)
+    register("protocol", "protocol_schema", protocol_node())
+    for name, target in METHOD_SCHEMAS.items():
+        register("method", name, method_node(get_class(target)))
 
 
 def compose(
@@ -304,6 +264,7 @@ def compose(
 
     from palign import CONF_DIR
 
+    register_all()
     if HydraConfig.initialized() and HydraConfig.get().searchpath:
         overrides = [f"hydra.searchpath=[{','.join(HydraConfig.get().searchpath)}]", *overrides]
     backup = get_gh_backup()
@@ -317,3 +278,26 @@ def compose(
             )
     finally:
         restore_gh_from_backup(backup)
+
+
+def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """:func:`compose`, where a config Hydra cannot compose (a key its schema lacks, an unknown
+    option, a malformed override) is one :class:`~palign.errors.ConfigError` line with Hydra's
+    reason, before anything else happens."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from palign.errors import ConfigError
+
+    try:
+        return compose(overrides, return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as e:
+        reasons = [
+            " ".join(str(x).split()).split(" Config search path:")[0]  # Hydra's own paths
+            for x in (e, e.__cause__)
+            if x is not None
+        ]
+        raise ConfigError(
+            "; ".join(dict.fromkeys(r for r in reasons if r)),
+            "set HYDRA_FULL_ERROR=1 and run `palign ... --cfg job` to see the composed config",
+        ) from None
