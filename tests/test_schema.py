@@ -1,6 +1,6 @@
 """Config schemas (palign.config.schema) catch misspelt keys at compose time; methods are named after
 their configs; ``compare`` entries take settings and names; a method of one's own is one module
-and one YAML (examples/own_method, as the README shows it)."""
+and one YAML (examples/own_method, as docs/methods.md shows it)."""
 
 from __future__ import annotations
 
@@ -205,8 +205,8 @@ def _answers(run: Path, method: str, case: int) -> list[str]:
 
 
 def test_a_method_of_ones_own_is_one_module_and_one_yaml(papi, tmp_path):
-    """The README's worked example, run as a user runs it: the module on PYTHONPATH, its YAML
-    in a config dir of one's own, compared with itself under another setting."""
+    """The worked example of docs/methods.md, run as a user runs it: the module on PYTHONPATH,
+    its YAML in a config dir of one's own, compared with itself under another setting."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(EXAMPLE), "WANDB_MODE": "offline"}
     compare = "compare=[trait_mean,constant,{method:shrunk_trait_mean,name:shrink0,shrink:0}]"
@@ -251,9 +251,9 @@ def test_a_method_of_ones_own_is_one_module_and_one_yaml(papi, tmp_path):
     assert not (tmp_path / "bad" / "summary.json").exists()
 
 
-def test_the_readme_shows_the_example_as_it_is():
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_show_the_example_as_it_is():
+    page = (ROOT / "docs" / "methods.md").read_text()
     module = (EXAMPLE / "shrunk_trait_mean.py").read_text()
-    assert module[module.index("class ShrunkTraitMean") :].strip() in readme
+    assert module[module.index("class ShrunkTraitMean") :].strip() in page
     yaml = (EXAMPLE / "conf" / "method" / "shrunk_trait_mean.yaml").read_text()
-    assert yaml.split("\n", 1)[1].strip() in readme  # below its comment line
+    assert yaml.split("\n", 1)[1].strip() in page  # below its comment line
