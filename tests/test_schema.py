@@ -254,6 +254,6 @@ def test_a_method_of_ones_own_is_one_module_and_one_yaml(papi, tmp_path):
 def test_the_docs_show_the_example_as_it_is():
     page = (ROOT / "docs" / "methods.md").read_text()
     module = (EXAMPLE / "shrunk_trait_mean.py").read_text()
-    assert module[module.index("class ShrunkTraitMean") :].strip() in page
+    assert module[module.index("@dataclass\nclass ShrunkTraitMeanSettings") :].strip() in page
     yaml = (EXAMPLE / "conf" / "method" / "shrunk_trait_mean.yaml").read_text()
     assert yaml.split("\n", 1)[1].strip() in page  # below its comment line
