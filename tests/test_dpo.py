@@ -13,7 +13,7 @@ from palign.data.papi import Item
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import MethodContext
 from palign.methods.dpo import DPO, PairBatches, dpo_loss, preference_pairs, sequence_logps
-from palign.methods.lora import adapter_applied
+from palign.methods.lora import AdapterArtifact
 from palign.models import load_random
 from palign.run import run
 
@@ -117,7 +117,7 @@ def test_dpo_training_lowers_the_loss_and_restores_the_model(papi):
     data = method._batches(subject, papi.inventory.train_items)
     ref = method.reference_logps(data)
     policy = torch.zeros_like(ref)
-    with method.adapter(artifact), torch.no_grad():
+    with artifact.active_in(method.peft_model), torch.no_grad():
         for start in range(0, len(data.rows), 8):
             idx = list(range(start, min(start + 8, len(data.rows))))
             b = data.collate(idx)
@@ -155,7 +155,7 @@ def test_dpo_end_to_end(cfg_factory):
     base = build(cfg.model)
     with torch.no_grad():
         plain = base.model(input_ids=ids).logits
-        with adapter_applied(base, folder):
+        with AdapterArtifact.load(folder).applied(base):
             palign_logits = base.model(input_ids=ids).logits
         peft = PeftModel.from_pretrained(build(cfg.model).model, str(folder)).eval()
         peft_logits = peft(input_ids=ids).logits

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from palign.errors import ArtifactError, PASError
-from palign.generate import generate_pair, profile_applied
-from palign.methods.lora import adapter_applied
+from palign.generate import generate_pair
+from palign.methods.lora import AdapterArtifact
 from palign.pas.heads import head_layout
 from palign.pas.profile import POOLED, PASProfile
 
@@ -37,12 +37,12 @@ def _profile(layout, name="tiny_llama", alpha=8.0):
 def test_profile_changes_the_reply_and_alpha_zero_does_not(tiny):
     profile = _profile(head_layout(tiny.model))
     base, steered = generate_pair(
-        tiny, profile_applied(tiny, profile), "Describe yourself.", "Be brief.", max_new_tokens=12
+        tiny, lambda: profile.applied(tiny), "Describe yourself.", "Be brief.", max_new_tokens=12
     )
     assert base != steered
     same_base, unsteered = generate_pair(
         tiny,
-        profile_applied(tiny, profile, alpha=0.0),
+        lambda: profile.applied(tiny, alpha=0.0),
         "Describe yourself.",
         "Be brief.",
         max_new_tokens=12,
@@ -55,7 +55,7 @@ def test_profile_of_another_model_is_refused(tiny):
     with pytest.raises(
         PASError, match="profile was made for model 'smollm2_135m', not 'tiny_llama'"
     ):
-        profile_applied(tiny, profile)
+        profile.applied(tiny)
 
 
 def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
@@ -74,14 +74,14 @@ def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
     ids = torch.tensor([[1, 200, 300, 400]])
     with torch.no_grad():
         plain = loaded.model(input_ids=ids).logits
-        with adapter_applied(loaded, folder):
+        with AdapterArtifact.load(folder).applied(loaded):
             adapted = loaded.model(input_ids=ids).logits
         restored = loaded.model(input_ids=ids).logits
     assert not torch.allclose(plain, adapted, atol=1e-4)
     assert torch.equal(plain, restored)  # the adapter is removed after use
     base, aligned = generate_pair(
         loaded,
-        lambda: adapter_applied(loaded, folder),
+        lambda: AdapterArtifact.load(folder).applied(loaded),
         "Who are you?",
         "Be brief.",
         max_new_tokens=4,
@@ -91,7 +91,7 @@ def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
     with pytest.raises(
         ArtifactError, match="adapter was trained on model 'tiny_llama', not 'tiny_other'"
     ):
-        with adapter_applied(other, folder):
+        with AdapterArtifact.load(folder).applied(other):
             pass
 
 

@@ -89,7 +89,7 @@ def test_reward_rises_for_a_subject_who_answers_a_to_everything(papi):
     method.setup(MethodContext(papi, scorer))
     artifact = method.align(subject, items)
     assert artifact.meta["reward_last"] > artifact.meta["reward_first"] + 0.5, artifact.meta
-    with scorer.applied(method.adapter(artifact)):
+    with scorer.applied(artifact.active_in(method.peft_model)):
         after = scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:16]).probs[:, 0].mean()
     assert after > before + 0.3, (before, after)
 

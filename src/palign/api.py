@@ -23,9 +23,8 @@ numbers are those of a CLI run on it; the method sees only the subject's alignme
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ __all__ = [
     "available",
     "evaluate",
     "load_data",
+    "load_artifact",
     "load_model",
     "load_profile",
     "method",
@@ -277,18 +277,14 @@ def load_profile(path: str | os.PathLike) -> PASProfile:
     return PASProfile.load(stem if stem is not None else path)
 
 
-def _adapter_folder(target: Any, stack: ExitStack) -> Path | None:
-    """The folder of a DPO/PPO adapter ``target`` (a folder with ``adapter.json``, or an
-    unsaved adapter artifact, saved into a temporary folder for the block), else None."""
+def load_artifact(path: str | os.PathLike) -> PASProfile | Artifact:
+    """What :func:`applied` applies, from a path: a DPO/PPO adapter folder (holding
+    ``adapter.json``) as an adapter artifact, else a PAS profile (:func:`load_profile`)."""
     from palign.methods.lora import AdapterArtifact
 
-    if isinstance(target, AdapterArtifact):
-        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="palign-adapter-")))
-        target.save(folder)
-        return folder
-    if isinstance(target, str | os.PathLike) and (Path(target) / "adapter.json").is_file():
-        return Path(target)
-    return None
+    if (Path(path) / "adapter.json").is_file():
+        return AdapterArtifact.load(path)
+    return load_profile(path)
 
 
 @contextmanager
@@ -308,32 +304,18 @@ def applied(
 
     Either must have been made for this model (by name and shape). Given a :class:`Scorer`, the
     change goes through :meth:`Scorer.applied`, which drops its cached prompt prefix, so its
-    answers inside the block are the aligned model's. Yields the :class:`LoadedModel`. A model
-    that a DPO/PPO method still wraps must be released first (``method.teardown()``)."""
-    from palign.generate import profile_applied
-    from palign.methods.lora import adapter_applied
-    from palign.methods.pas import PASArtifact
-
+    answers inside the block are the aligned model's. Yields the :class:`LoadedModel`. Each
+    artifact applies itself (``artifact.applied(model, alpha)``); a model that a DPO/PPO
+    method still wraps must be released first (``method.teardown()``)."""
     chosen = model if isinstance(model, Scorer) else None
     loaded = chosen.loaded if chosen is not None else model
-    with ExitStack() as stack:
-        folder = _adapter_folder(artifact, stack)
-        if folder is not None:
-            if alpha is not None:
-                raise ConfigError("applied: alpha applies to PAS profiles, not to an adapter")
-            change = adapter_applied(loaded, folder)
-        else:
-            if isinstance(artifact, PASArtifact):
-                profile = artifact.profile
-            elif isinstance(artifact, PASProfile):
-                profile = artifact
-            elif isinstance(artifact, str | os.PathLike):
-                profile = load_profile(artifact)
-            else:
-                raise ArtifactError(
-                    f"applied: a {type(artifact).__name__} does not change the model (expected a "
-                    "PAS profile or artifact, a DPO/PPO adapter, or the path of one)"
-                )
-            change = profile_applied(loaded, profile, alpha)()
-        stack.enter_context(chosen.applied(change) if chosen is not None else change)
+    if isinstance(artifact, str | os.PathLike):
+        artifact = load_artifact(artifact)
+    if not isinstance(artifact, PASProfile | Artifact):
+        raise ArtifactError(
+            f"applied: a {type(artifact).__name__} does not change the model (expected a PAS "
+            "profile or artifact, a DPO/PPO adapter, or the path of one)"
+        )
+    change = artifact.applied(loaded, alpha)
+    with chosen.applied(change) if chosen is not None else change:
         yield loaded

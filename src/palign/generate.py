@@ -21,9 +21,8 @@ from palign import CONF_DIR
 from palign.config import build, register_all
 from palign.errors import ConfigError, cli
 from palign.eval.prompts import PromptRenderer
-from palign.methods.lora import adapter_applied
+from palign.methods.lora import AdapterArtifact
 from palign.models.loading import LoadedModel
-from palign.pas.heads import HeadShift, head_layout
 from palign.pas.profile import PASProfile
 
 
@@ -58,13 +57,6 @@ def generate_pair(
     return replies[0], replies[1]
 
 
-def profile_applied(loaded: LoadedModel, profile: PASProfile, alpha: float | None = None):
-    """A factory of the context that shifts ``profile``'s heads (checked against the model)."""
-    layout = head_layout(loaded.model)
-    profile.check_fits(layout, loaded.name)
-    return lambda: HeadShift(layout, profile.total_shift(alpha))
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def app(cfg: DictConfig) -> None:
     with cli("palign.generate"):
@@ -75,18 +67,17 @@ def app(cfg: DictConfig) -> None:
             )
         loaded = build(cfg.model)
         if cfg.profile:
-            profile = PASProfile.load(cfg.profile)
-            applied = profile_applied(loaded, profile, cfg.alpha)
-            alpha = profile.alpha if cfg.alpha is None else cfg.alpha
-            label = f"PAS profile of case {profile.meta.get('case', '?')} (alpha {alpha:g})"
+            artifact = PASProfile.load(cfg.profile)
+            alpha = artifact.alpha if cfg.alpha is None else cfg.alpha
+            label = f"PAS profile of case {artifact.meta.get('case', '?')} (alpha {alpha:g})"
         else:
-            with adapter_applied(loaded, cfg.adapter):  # fail early on a foreign adapter
-                pass
-            applied = lambda: adapter_applied(loaded, cfg.adapter)  # noqa: E731
+            artifact = AdapterArtifact.load(cfg.adapter)
             label = f"adapter {cfg.adapter}"
+        with artifact.applied(loaded, cfg.alpha):  # fails early on another model's artifact
+            pass
         base, aligned = generate_pair(
             loaded,
-            applied,
+            lambda: artifact.applied(loaded, cfg.alpha),
             cfg.prompt,
             cfg.system_prompt,
             cfg.max_new_tokens,

@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from palign.data.papi import Item, PapiData, Subject
-from palign.errors import ConfigError
+from palign.errors import ArtifactError, ConfigError
 from palign.eval.answers import Answers
 from palign.methods.checks import Check
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from palign.eval.scoring import Scorer
+    from palign.models.loading import LoadedModel
 
 
 @dataclass
@@ -54,6 +57,15 @@ class Artifact:
     def choose(self, name: str, value: float) -> None:
         """Record the value of ``name`` the evaluation chose among :class:`Candidates`."""
         self.meta[name] = value
+
+    def applied(self, loaded: LoadedModel, alpha: float | None = None) -> AbstractContextManager:
+        """A context manager that aligns ``loaded.model`` as this artifact does for the block and
+        restores it on exit (PAS: heads shifted; DPO/PPO: the adapter active). An artifact that
+        does not change the model (a system prompt, trait means) raises ArtifactError."""
+        raise ArtifactError(
+            f"a {type(self).__name__} does not change the model (a PAS profile or a DPO/PPO "
+            "adapter does)"
+        )
 
     def save(self, directory: Path) -> None:
         """Write the artifact into ``directory`` (created)."""

@@ -173,4 +173,3 @@ def number(**bounds: float) -> Check:
 def choice(*allowed: str) -> Check:
     """One of ``allowed`` (:func:`check_choice`)."""
     return lambda key, value, error: check_choice(key, value, allowed, error)
-

@@ -156,9 +156,7 @@ class DPOSettings(LoraSettings):
         "rejected answers: the opposite extreme (6 - v) or all_others",
         choice(*REJECTED),
     )
-    keep_neutral: bool = setting(
-        False, "keep items answered 3 (no clear preference)", check_bool
-    )
+    keep_neutral: bool = setting(False, "keep items answered 3 (no clear preference)", check_bool)
 
     def check_all(self) -> None:
         if self.batch_size % self.micro_batch_size:

@@ -8,7 +8,7 @@ adapter disabled: one copy of the model in memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 
 from palign.constants import ANSWER_LABELS, OPTION_LETTERS
 from palign.data.papi import Item, Subject
+from palign.errors import ArtifactError, ConfigError
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.methods.base import Answers, Artifact, Method, MethodContext, MethodSettings, setting
 from palign.methods.checks import check_names, check_seed, integer, number
@@ -47,6 +48,8 @@ class AdapterArtifact(Artifact):
     lora: dict | None = None
     #: The base model's hub id or folder, recorded as PEFT's ``base_model_name_or_path``.
     base: str | None = None
+    #: The folder it was loaded from (:meth:`load`), named in errors.
+    source: Path | None = None
 
     def save(self, directory: Path) -> None:
         import json
@@ -67,47 +70,74 @@ class AdapterArtifact(Artifact):
         )
         (directory / "train_history.json").write_text(json.dumps(self.history or [], indent=1))
 
+    @classmethod
+    def load(cls, directory: str | Path) -> AdapterArtifact:
+        """The adapter :meth:`save` wrote into ``directory`` (an ``artifacts/<method>/<case>/``
+        folder of dpo or ppo); a missing or unreadable file is an ArtifactError naming it."""
+        import json
 
-@contextmanager
-def adapter_applied(loaded, directory: str | Path):
-    """``loaded.model`` with the saved adapter of ``directory`` active for the block."""
-    import json
+        from safetensors.torch import load_file
 
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+        directory = Path(directory)
+        if not (directory / "adapter.json").is_file():
+            raise ArtifactError(
+                f"adapter={directory}: no adapter.json (expected an artifacts/<method>/<case>/ "
+                "folder of dpo or ppo)"
+            )
+        try:
+            info = json.loads((directory / "adapter.json").read_text(encoding="utf-8"))
+            model, lora = str(info["model"]), dict(info["lora"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ArtifactError(
+                f"{directory / 'adapter.json'}: not a palign adapter description ({e})"
+            ) from None
+        try:
+            state = load_file(str(directory / PEFT_WEIGHTS))
+        except Exception as e:  # safetensors' own error types: the file is named instead
+            raise ArtifactError(
+                f"{directory / PEFT_WEIGHTS}: not a readable adapter ({type(e).__name__})"
+            ) from None
+        meta = {}
+        if (directory / "artifact.json").is_file():
+            meta = json.loads((directory / "artifact.json").read_text(encoding="utf-8"))
+        case = meta.pop("case", -1)
+        return cls(case=case, meta=meta, state=state, model=model, lora=lora, source=directory)
 
-    from palign.errors import ArtifactError
+    @contextmanager
+    def applied(self, loaded, alpha: float | None = None) -> Iterator[None]:
+        """``loaded.model`` with this adapter active for the block (its LoRA layers added, then
+        removed on exit: the plain base model again). The adapter must have been trained on
+        this model (by name)."""
+        from peft import LoraConfig, get_peft_model
 
-    directory = Path(directory)
-    if not (directory / "adapter.json").is_file():
-        raise ArtifactError(
-            f"adapter={directory}: no adapter.json (expected an artifacts/<method>/<case>/ folder of dpo or ppo)"
-        )
-    try:
-        info = json.loads((directory / "adapter.json").read_text(encoding="utf-8"))
-        model, lora = str(info["model"]), dict(info["lora"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ArtifactError(
-            f"{directory / 'adapter.json'}: not a palign adapter description ({e})"
-        ) from None
-    if model != loaded.name:
-        raise ArtifactError(
-            f"{directory}: adapter was trained on model {model!r}, not {loaded.name!r} "
-            f"(pass model={model})"
-        )
-    try:
-        weights = load_file(str(directory / PEFT_WEIGHTS))
-    except Exception as e:  # safetensors' own error types: the file is named instead
-        raise ArtifactError(
-            f"{directory / PEFT_WEIGHTS}: not a readable adapter ({type(e).__name__})"
-        ) from None
-    peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **lora))
-    set_peft_model_state_dict(peft_model, weights)
-    peft_model.eval()
-    try:
-        yield
-    finally:
-        peft_model.unload()
+        if alpha is not None:
+            raise ConfigError("applied: alpha applies to PAS profiles, not to an adapter")
+        if self.model != loaded.name:
+            raise ArtifactError(
+                f"{self.source or 'adapter'}: adapter was trained on model {self.model!r}, not "
+                f"{loaded.name!r} (pass model={self.model})"
+            )
+        peft_model = get_peft_model(loaded.model, LoraConfig(task_type="CAUSAL_LM", **self.lora))
+        try:
+            with self.active_in(peft_model):
+                yield
+        finally:
+            peft_model.unload()
+
+    @contextmanager
+    def active_in(self, peft_model) -> Iterator[None]:
+        """This adapter's weights in the LoRA layers of ``peft_model`` (made with the same LoRA
+        settings) for the block, in eval mode; the weights it held before are restored on exit.
+        :meth:`applied` and the training methods' answering both go through it."""
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        before = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        set_peft_model_state_dict(peft_model, self.state)
+        peft_model.eval()
+        try:
+            yield
+        finally:
+            set_peft_model_state_dict(peft_model, before)
 
 
 def _precision(key: str, value: object, error: type) -> str:
@@ -191,13 +221,16 @@ class LoraMethod(Method):
             p.requires_grad_(True)
 
     def artifact(self, subject: Subject, history: list[dict], meta: dict) -> AdapterArtifact:
-        """The subject's adapter weights and training record."""
+        """The subject's adapter weights and training record, copied out; the LoRA layers are then
+        reset to B = 0, so outside :meth:`align` and :meth:`answer` the shared model is the base
+        model."""
         from peft import get_peft_model_state_dict
 
         state = {
             k: v.detach().cpu().clone()
             for k, v in get_peft_model_state_dict(self.peft_model).items()
         }
+        self.reset_adapter(subject.case)
         return AdapterArtifact(
             case=subject.case,
             state=state,
@@ -224,19 +257,6 @@ class LoraMethod(Method):
             **settings,
         )
 
-    @contextmanager
-    def adapter(self, artifact: AdapterArtifact):
-        """The subject's trained adapter active for the block (``scorer.applied(...)``); on exit
-        the adapter is reset to B = 0, so the shared model is the base model again."""
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.peft_model, artifact.state)
-        self.peft_model.eval()
-        try:
-            yield
-        finally:
-            self.reset_adapter(artifact.case)
-
     def prompt_ids(self, item: Item) -> list[int]:
         """The item prompt with the assistant turn opened (no prefill)."""
         return self.renderer.encode(
@@ -245,5 +265,5 @@ class LoraMethod(Method):
 
     def answer(self, subject: Subject, artifact: AdapterArtifact, items: Sequence[Item]) -> Answers:
         scorer = self.context.scorer
-        with scorer.applied(self.adapter(artifact)):
+        with scorer.applied(artifact.active_in(self.peft_model)):
             return scorer.score(NEUTRAL_SYSTEM_PROMPT, items)

@@ -104,7 +104,8 @@ class PASSettings(MethodSettings):
         check_numbers,
     )
     folds: int = setting(
-        4, "k of the k-fold choice of alpha on the alignment items (selection=alignment_items)",
+        4,
+        "k of the k-fold choice of alpha on the alignment items (selection=alignment_items)",
         integer(),
     )
     selection: str = setting(
@@ -198,6 +199,10 @@ class PASArtifact(Artifact):
         super().choose(name, value)
         if name == "alpha":
             self.profile.alpha = value
+
+    def applied(self, loaded, alpha: float | None = None) -> HeadShift:
+        """The profile's heads shifted for the block (:meth:`PASProfile.applied`)."""
+        return self.profile.applied(loaded, alpha)
 
     def save(self, directory: Path) -> None:
         super().save(directory)

@@ -258,7 +258,7 @@ class PPOSettings(LoraSettings):
     lam: float = setting(0.95, "GAE lambda", number(at_least=0, at_most=1))
     max_new_tokens: int = setting(15, "tokens generated per rollout", integer(1))
     prefill: bool = setting(
-        True, "generate after the prefilled answer prefix (\"Option (\")", check_bool
+        True, 'generate after the prefilled answer prefix ("Option (")', check_bool
     )
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from palign.constants import TRAITS
 from palign.errors import ArtifactError, PASError
-from palign.pas.heads import HeadLayout
+from palign.pas.heads import HeadLayout, HeadShift, head_layout
 
 POOLED = -1  # trait index of a component that applies to every item
 
@@ -55,6 +55,15 @@ class PASProfile:
                 f"profile for {self.model} has heads {tuple(self.shape)} (layers, heads, head_dim); "
                 f"this model has {layout.shape}"
             )
+
+    def applied(self, loaded, alpha: float | None = None) -> HeadShift:
+        """A context manager that shifts ``loaded.model``'s heads by ``alpha * sigma *
+        direction`` at every position for the block (``alpha``: the profile's own unless given;
+        a per-trait profile's traits summed) and leaves the model unchanged on exit. The model
+        must be the profile's (:meth:`check_fits`, by name and head shape)."""
+        layout = head_layout(loaded.model)
+        self.check_fits(layout, loaded.name)
+        return HeadShift(layout, self.total_shift(alpha))
 
     def shifts(self, alphas: Sequence[float]) -> torch.Tensor:
         """(variants, layers, heads * head_dim) shifts. Pooled profile: one variant per alpha;
