@@ -41,7 +41,7 @@ REPRO_EXP = $(if $(filter smollm2_135m,$(MODEL)),reproduce,$(if $(filter tiny_ll
 define reproduce_steps
 $(PY) -m palign $(1) $(if $(N),dataset.sample=$(N)) protocol=paper hydra.run.dir=$(REPRO_OUT)/paper $(if $(wildcard $(REPRO_OUT)/paper/config.yaml),resume=$(REPRO_OUT)/paper)
 $(PY) -m palign $(1) $(if $(N),dataset.sample=$(N)) protocol=clean hydra.run.dir=$(REPRO_OUT)/clean $(if $(wildcard $(REPRO_OUT)/clean/config.yaml),resume=$(REPRO_OUT)/clean)
-$(PY) -m palign.reproduce --out $(REPRO_OUT) $(REPRO_OUT)/paper $(REPRO_OUT)/clean
+$(PY) -m palign.report.reproduce --out $(REPRO_OUT) $(REPRO_OUT)/paper $(REPRO_OUT)/clean
 endef
 
 reproduce: REPRO_OUT ?= outputs/reproduce

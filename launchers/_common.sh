@@ -23,7 +23,7 @@ need_count() {
 }
 
 # need_out_dir VALUE: an OUT_DIR the launchers can pass on to palign (a run dir in a Hydra override
-# and a path argument of palign.merge). Any character goes except an opening `${`, which Hydra
+# and a path argument of palign merge). Any character goes except an opening `${`, which Hydra
 # would resolve as an interpolation; a leading `-` is taken for a mistyped option.
 need_out_dir() {
   [[ -n $1 ]] || die "OUT_DIR is empty"

@@ -37,4 +37,4 @@ if (( ${#failed[@]} )); then
   echo "multi_gpu_node.sh: shard(s) ${failed[*]} failed; see $OUT/logs/ and re-run to resume" >&2
   exit 1
 fi
-exec "$PY" -m palign.merge --out "$OUT/merged" "$OUT"/shards/*
+exec "$PY" -m palign.runs.merge --out "$OUT/merged" "$OUT"/shards/*

@@ -36,7 +36,7 @@ SHARD_CMD="PY=$(sh_word "$PY") launchers/shard_job.sh $(sh_word "$OUT")"
 SHARD_CMD+=" \"\$SLURM_ARRAY_TASK_ID\" $N$ARGS"
 MERGE=("${COMMON[@]}" --job-name=palign-merge --cpus-per-task=2 --mem=16G --time=00:30:00
   --output="$LOGS/merge.out")
-MERGE_CMD="exec $(sh_word "$PY") -m palign.merge"
+MERGE_CMD="exec $(sh_word "$PY") -m palign.runs.merge"
 MERGE_CMD+=" --out $(sh_word "$OUT/merged") $(sh_word "$OUT/shards")/*"
 if (( DRY )); then
   printf 'sbatch --parsable'; printf ' %q' "${SHARD[@]}" "--wrap=$SHARD_CMD"; echo

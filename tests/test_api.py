@@ -14,7 +14,7 @@ from palign.errors import ArtifactError, ConfigError
 from palign.eval.answers import read_table
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.methods.base import Answers, Artifact, Method
-from palign.run import baseline_rows, run
+from palign.runs.runner import baseline_rows, run
 
 IDS = torch.tensor([[1, 200, 300, 400, 500]])
 

@@ -15,7 +15,7 @@ from conftest import CONF_DIR
 from palign.data import select_subjects
 from palign.eval.answers import COLUMNS, PROB_COLUMNS, read_table
 from palign.eval.scoring import parse_answer
-from palign.run import run
+from palign.runs.runner import run
 
 GROUPS = ["model", "method", "dataset", "protocol", "hardware", "logger", "experiment"]
 

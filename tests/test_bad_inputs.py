@@ -23,11 +23,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-import palign.__main__ as app
+import palign.cli.run as app
 from palign import CONF_DIR, generate, merge, reproduce, sweep
 from palign.data import check as data_check
 from palign.data.papi import locate_papi
-from palign.run import run
+from palign.runs.runner import run
 
 TINY = ["model=tiny_llama", "hardware=cpu"]
 ENTRIES: dict[str, Callable] = {

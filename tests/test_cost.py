@@ -13,7 +13,7 @@ import torch
 
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.eval.scoring import common_prefix_length
-from palign.run import run
+from palign.runs.runner import run
 
 
 def _expected_logit_cost(scorer, items, batch_size):

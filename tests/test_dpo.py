@@ -15,7 +15,7 @@ from palign.methods.base import MethodContext
 from palign.methods.dpo import DPO, PairBatches, dpo_loss, preference_pairs, sequence_logps
 from palign.methods.lora import AdapterArtifact
 from palign.models import load_random
-from palign.run import run
+from palign.runs.runner import run
 
 ITEMS = [Item(i + 1, f"Item {i}.", "A", 1, "") for i in range(5)]
 

@@ -9,12 +9,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_LLAMA
+from palign.cli.export import main
 from palign.errors import ConfigError
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
 from palign.eval.scoring import Scorer, ScoringConfig
-from palign.export import export_profile, main
 from palign.models import load_random
 from palign.models.loading import LoadedModel
+from palign.pas.export import export_profile
 from palign.pas.heads import HeadShift, head_layout
 from palign.pas.profile import POOLED, PASProfile
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from palign.errors import ArtifactError, PASError
-from palign.generate import generate_pair
+from palign.eval.generation import generate_pair
 from palign.methods.lora import AdapterArtifact
 from palign.pas.heads import head_layout
 from palign.pas.profile import POOLED, PASProfile
@@ -61,7 +61,7 @@ def test_profile_of_another_model_is_refused(tiny):
 def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
     from conftest import TINY_LLAMA
     from palign.models import load_random
-    from palign.run import run
+    from palign.runs.runner import run
 
     cfg = cfg_factory(
         "model=tiny_llama", "method=dpo_cpu", "method.steps=4", "method.lr=0.05", "dataset.limit=1"
@@ -105,7 +105,7 @@ def test_generate_cli(tiny, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "palign.generate",
+        "palign.cli.generate",
         f"profile={tmp_path / 'profile.json'}",
         "model=tiny_llama",
         "prompt=Who are you?",
@@ -124,5 +124,5 @@ def test_generate_cli(tiny, tmp_path):
     bad = _generate(cmd[:4] + ["prompt=Hi"])
     assert (
         bad.returncode == 1
-        and "palign.generate: error: profile was made for model 'tiny_llama'" in bad.stderr
+        and "palign generate: error: profile was made for model 'tiny_llama'" in bad.stderr
     )

@@ -18,11 +18,11 @@ from palign.config import build_method
 from palign.config.build import check_objective
 from palign.data.papi import select_subjects
 from palign.errors import ConfigError, RunDirError
-from palign.merge import merge
-from palign.run import objective, run
 from palign.rundir import RunDir
-from palign.sweep import COLUMNS, log_to_wandb
-from palign.tracking import RunTracker
+from palign.runs.merge import merge
+from palign.runs.runner import objective, run
+from palign.runs.sweep import COLUMNS, log_to_wandb
+from palign.runs.tracking import RunTracker
 from wandb_records import read_wandb_run, read_wandb_table
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from palign.pas.profile import PASProfile
-from palign.run import run
+from palign.runs.runner import run
 
 pytestmark = pytest.mark.slow
 

@@ -199,13 +199,13 @@ def test_multi_gpu_node_passes_a_hostile_out_dir_and_overrides_on_verbatim(tmp_p
         (h.out / "shards" / i).mkdir(parents=True)
     _script("multi_gpu_node.sh", str(h.out), *h.overrides, PALIGN_GPUS="2", **h.env)
     calls = h.calls("py")
-    merges = [c for c in calls if c[:2] == ["-m", "palign.merge"]]
+    merges = [c for c in calls if c[:2] == ["-m", "palign.runs.merge"]]
     shards = sorted((c for c in calls if c not in merges), key=lambda c: c[-2])
     assert len(merges) == 1 and len(shards) == 2
     for i, argv in enumerate(shards):
         _shard_argv(argv, h.overrides, f"{i}/2", h.out / "shards" / str(i))
         assert (h.out / "logs" / f"shard-{i}.log").is_file()
-    assert merges[0] == ["-m", "palign.merge", "--out", f"{h.out}/merged"] + [
+    assert merges[0] == ["-m", "palign.runs.merge", "--out", f"{h.out}/merged"] + [
         f"{h.out}/shards/{i}" for i in "01"
     ]
     h.assert_nothing_ran()
@@ -247,7 +247,7 @@ def test_slurm_shards_jobs_get_a_hostile_out_dir_and_overrides_verbatim(tmp_path
     (h.out.parent / decoy / "shards" / "0").mkdir(parents=True)
     _sbatch_job(shell, merge, h)
     (argv,) = h.calls("py")
-    assert argv == ["-m", "palign.merge", "--out", f"{h.out}/merged"] + [
+    assert argv == ["-m", "palign.runs.merge", "--out", f"{h.out}/merged"] + [
         f"{h.out}/shards/{i}" for i in "012"
     ]
     # The options: sbatch reads % patterns in the log names (%% is a literal %).

@@ -19,7 +19,7 @@ from palign.models.memory import (
     device_capacity,
     estimate_memory,
 )
-from palign.run import run
+from palign.runs.runner import run
 
 GB = 10**9
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}

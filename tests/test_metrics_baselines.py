@@ -6,7 +6,7 @@ import pytest
 from palign.data.papi import Item, Subject
 from palign.eval.metrics import mean_mae, subject_metrics
 from palign.methods import Constant, ItemMean, MethodContext, TraitMean
-from palign.run import baseline_results
+from palign.runs.runner import baseline_results
 
 
 def _items(spec):

@@ -22,7 +22,7 @@ from palign.pas.activations import contrastive_activations, contrastive_prompts
 from palign.pas.heads import HeadShift, fold_into_bias, head_layout, unfold_bias
 from palign.pas.probes import ProbeFit, fit_probes, mass_mean_directions, rank_heads, split_rows
 from palign.pas.profile import PASProfile
-from palign.run import evaluate_group
+from palign.runs.runner import evaluate_group
 
 TINY = {
     "llama": TINY_LLAMA,

@@ -16,7 +16,7 @@ import torch
 import palign.models.loading as loading
 from palign.eval.scoring import ItemScorer, Scorer, ScoringConfig
 from palign.models.placement import PlacementError, check_device, make_trainer
-from palign.run import run
+from palign.runs.runner import run
 
 
 class MoveSpy:

@@ -23,7 +23,7 @@ from palign.methods.ppo import (
     token_rewards,
 )
 from palign.models import load_random
-from palign.run import run
+from palign.runs.runner import run
 
 
 def test_answer_reward_including_unparsed():

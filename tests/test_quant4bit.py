@@ -26,7 +26,7 @@ from palign.eval.scoring import Scorer, ScoringConfig  # noqa: E402
 from palign.methods.lora import LoraMethod  # noqa: E402
 from palign.models.memory import estimate_memory  # noqa: E402
 from palign.pas.heads import HeadShift, fold_into_bias, head_layout, unfold_bias  # noqa: E402
-from palign.run import run  # noqa: E402
+from palign.runs.runner import run  # noqa: E402
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 PROJECTIONS = (*ATTENTION, "gate_proj", "up_proj", "down_proj")

@@ -16,7 +16,9 @@ from matplotlib.image import imread
 
 from palign.data import select_subjects
 from palign.eval.answers import read_answers
-from palign.reproduce import ReproduceError, confusion, reproduce, standard_error
+from palign.report.plots import confusion, standard_error
+from palign.report.reproduce import reproduce
+from palign.report.results import ReproduceError
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("paper", "clean")
@@ -216,14 +218,14 @@ def test_unreadable_summary_is_one_clear_error(tmp_path, content, message):
     if content is not None:
         (run / "summary.json").write_text(content)
     proc = subprocess.run(
-        [sys.executable, "-m", "palign.reproduce", "--out", str(tmp_path / "out"), str(run)],
+        [sys.executable, "-m", "palign.report.reproduce", "--out", str(tmp_path / "out"), str(run)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"palign.reproduce: error: {run / 'summary.json'}: ") and message in last
+    assert last.startswith(f"palign reproduce: error: {run / 'summary.json'}: ") and message in last
 
 
 def test_two_runs_of_one_protocol_are_refused(smoke):

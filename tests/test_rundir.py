@@ -14,8 +14,8 @@ import pytest
 from omegaconf import open_dict
 
 from palign.errors import RunDirError
-from palign.run import run
 from palign.rundir import SCHEMA_VERSION, RunDir, write_atomic
+from palign.runs.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model=tiny_llama", "hardware=cpu")

@@ -16,7 +16,7 @@ Every default comes from the packaged configs (``palign/conf``, composed with Hy
 API exactly as ``python -m palign`` composes them): ``load_model("x", key=value)`` is
 ``model=x model.key=value``, ``method("pas", ..., protocol="paper", top_k=8)`` is ``method=pas
 protocol=paper method.top_k=8``, ``scorer(model, batch_size=4)`` is ``scoring.batch_size=4``.
-:func:`evaluate` goes through the runner's own :func:`palign.run.evaluate_group`, so a subject's
+:func:`evaluate` goes through the runner's own :func:`palign.runs.runner.evaluate_group`, so a subject's
 numbers are those of a CLI run on it; the method sees only the subject's alignment answers.
 """
 
@@ -230,7 +230,7 @@ def evaluate(
     :func:`align`), aligning is skipped and it answers with that one. Where the method leaves a
     hyper-parameter to the evaluation (protocol=paper: PAS's alpha), it is chosen on the test
     items, recorded in the artifact and labelled in ``row["selected_on_test_items"]``."""
-    from palign.run import evaluate_group
+    from palign.runs.runner import evaluate_group
 
     subject = _subject(subject, data)
     context = getattr(method, "context", None)
@@ -298,9 +298,9 @@ def applied(
     - a PAS profile (:class:`PASProfile`, a PAS artifact, or a path :func:`load_profile`
       reads): its heads shifted by ``alpha * sigma * direction`` at every position (``alpha``
       defaults to the profile's own; a per-trait profile's traits are summed), as
-      ``python -m palign.generate profile=...``;
+      ``python -m palign.cli.generate profile=...``;
     - a DPO/PPO adapter (an adapter artifact, or its saved folder holding ``adapter.json``): the
-      LoRA weights active, as ``python -m palign.generate adapter=...``.
+      LoRA weights active, as ``python -m palign.cli.generate adapter=...``.
 
     Either must have been made for this model (by name and shape). Given a :class:`Scorer`, the
     change goes through :meth:`Scorer.applied`, which drops its cached prompt prefix, so its

@@ -1,43 +1,10 @@
-"""Turning per-subject results into ``summary.json`` and the markdown report."""
+"""The markdown report of a run (``report.md``) from its summary."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 
 from palign.constants import TRAITS
-from palign.eval.metrics import mean_mae
-
-
-def aggregate(rows: Sequence[dict]) -> dict:
-    """Mean per-trait MAE, Score (sum of those means), UNK rate and timings over subject rows."""
-    mae = mean_mae([r["mae"] for r in rows])
-    out = {
-        "n_subjects": len(rows),
-        "mae": mae,
-        "score": float(sum(mae.values())),
-        "unk_rate": float(np.mean([r["unk_rate"] for r in rows])) if rows else float("nan"),
-    }
-    if rows and "timing" in rows[0]:
-        out["timing"] = {
-            f"{key}_per_subject": float(np.mean([r["timing"][key] for r in rows]))
-            for key in rows[0]["timing"]
-        }
-    if rows and all("cost" in r for r in rows):
-        per_subject = {
-            phase: {
-                key: float(np.mean([r["cost"][phase][key] for r in rows]))
-                for key in rows[0]["cost"][phase]
-            }
-            for phase in rows[0]["cost"]
-        }
-        per_subject["total"] = {
-            key: sum(phase[key] for phase in per_subject.values())
-            for key in next(iter(per_subject.values()))
-        }
-        out["cost"] = {"per_subject": per_subject}
-    return out
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -28,16 +28,17 @@ from palign.config import Plan, build, plan
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject
 from palign.eval.answers import answer_table, table_metrics, write_table
-from palign.eval.metrics import best_candidate
+from palign.eval.metrics import aggregate, best_candidate
 from palign.eval.scoring import Scorer, ScoringConfig
-from palign.html import write_page
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
-from palign.report import aggregate, report_markdown
-from palign.reproduce import load_run, plot_run
+from palign.report.html import write_page
+from palign.report.markdown import report_markdown
+from palign.report.plots import plot_run
+from palign.report.results import load_run
 from palign.rundir import SCHEMA_VERSION, RunDir, check_resume, write_atomic
-from palign.tracking import RunTracker
+from palign.runs.tracking import RunTracker
 
 log = logging.getLogger("palign")
 

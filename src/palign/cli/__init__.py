@@ -17,11 +17,11 @@ import sys
 
 #: Command -> the module whose ``main`` runs it (argv without the command).
 COMMANDS = {
-    "generate": "palign.generate",
-    "merge": "palign.merge",
-    "reproduce": "palign.reproduce",
-    "sweep": "palign.sweep",
-    "export": "palign.export",
+    "generate": "palign.cli.generate",
+    "merge": "palign.runs.merge",
+    "reproduce": "palign.report.reproduce",
+    "sweep": "palign.runs.sweep",
+    "export": "palign.cli.export",
     "data check": "palign.data.check",
     "data fetch": "palign.data.fetch",
     "settings": "palign.config.describe",
@@ -39,7 +39,7 @@ def main() -> None:
             )
         argv = [f"data {argv[1]}", *argv[2:]]
     if not argv or argv[0] not in COMMANDS:
-        from palign.__main__ import main as run_main
+        from palign.cli.run import main as run_main
 
         run_main()
         return

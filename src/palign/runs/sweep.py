@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from palign.constants import TRAITS
 from palign.errors import RunDirError, cli
-from palign.html import write_page
+from palign.report.html import write_page
 from palign.rundir import RunDir
-from palign.tracking import RunTracker
+from palign.runs.tracking import RunTracker
 
 log = logging.getLogger("palign")
 
@@ -166,11 +166,11 @@ class SweepTable(Callback):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m palign.sweep", description="Collect a sweep's job summaries into a table."
+        prog="palign sweep", description="Collect a sweep's job summaries into a table."
     )
     parser.add_argument("sweep_dir", type=Path, help="dir whose sub-dirs are palign run dirs")
     args = parser.parse_args(argv)
-    with cli("palign.sweep"):
+    with cli("palign sweep"):
         if not args.sweep_dir.is_dir():
             raise RunDirError(f"{args.sweep_dir} is not a directory")
         path = write_table(args.sweep_dir)

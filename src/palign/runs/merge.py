@@ -1,7 +1,7 @@
 """Merge the run dirs of a sharded evaluation (``dataset.shard=i/N`` array jobs) into one run
 dir with the summary and report of the whole selection:
 
-    python -m palign.merge --out outputs/<name>/merged outputs/<name>/shards/*
+    python -m palign.runs.merge --out outputs/<name>/merged outputs/<name>/shards/*
 
 The shards must share their config except ``dataset.shard`` (and where/how they logged); every
 subject of the unsharded selection must be finished in some shard (re-run a failed shard with
@@ -18,9 +18,9 @@ from omegaconf import OmegaConf, open_dict
 
 from palign.config import plan
 from palign.errors import ConfigError, RunDirError, cli
-from palign.report import aggregate
-from palign.run import baseline_rows, summarize, write_outputs
+from palign.eval.metrics import aggregate
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
+from palign.runs.runner import baseline_rows, summarize, write_outputs
 
 log = logging.getLogger("palign")
 
@@ -105,12 +105,12 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m palign.merge", description="Merge sharded palign run dirs into one."
+        prog="python -m palign.runs.merge", description="Merge sharded palign run dirs into one."
     )
     parser.add_argument("--out", type=Path, required=True, help="the merged run dir (created)")
     parser.add_argument("shards", type=Path, nargs="+", help="the shards' run dirs")
     args = parser.parse_args(argv)
-    with cli("palign.merge"):
+    with cli("palign merge"):
         merge(args.shards, args.out)
     print(f"Merged {len(args.shards)} shard(s) into {args.out}")
 

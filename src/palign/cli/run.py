@@ -1,0 +1,108 @@
+"""``python -m palign``: the Hydra app (see ``conf/config.yaml``).
+
+The run dir and ``resume`` are checked before Hydra starts (Hydra would create the folder and
+write ``.hydra/`` into it), so a refused run leaves an existing run dir as it was
+(:func:`precheck`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+import hydra
+from omegaconf import DictConfig
+
+from palign import CONF_DIR
+from palign.errors import RunDirError, cli
+
+log = logging.getLogger("palign")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def app(cfg: DictConfig) -> float | None:
+    from palign.runs.runner import objective, run
+
+    with cli("palign", log):
+        return objective(cfg, run(cfg))
+
+
+def _override(argv: Sequence[str], key: str) -> str | None:
+    """The value the command line gives ``key`` (Hydra's override syntax and quoting), or
+    None when it gives none (or null)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports a malformed override itself
+        return None
+    values = [o.value() for o in parsed if o.key_or_group == key and not o.is_delete()]
+    value = values[-1] if values else None
+    return None if value in (None, "", "null") else str(value)
+
+
+def precheck(argv: Sequence[str]) -> None:
+    """What can be checked before Hydra creates the run dir and writes ``.hydra/`` into it, so
+    that a refused run leaves an existing run dir as it was: an explicit ``hydra.run.dir`` is
+    writable and, without ``resume``, holds no results; ``resume=<dir>`` holds a palign run
+    (a sweep dir for ``-m``), its result rows are readable, no other run holds it, and (single
+    runs) its ``config.yaml`` agrees with the overrides given (:func:`palign.rundir.check_resume`).
+    A single run's config is composed here first, so that a config Hydra cannot compose (a key
+    its schema lacks, an unknown option) is one error line, before any folder is made."""
+    from palign.config.schema import compose_checked
+    from palign.rundir import RunDir
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # --cfg, --help, ...: Hydra only prints
+    cfg = None if multirun else compose_checked(list(argv), return_hydra_config=True)
+    resume, run_dir_arg = _override(argv, "resume"), _override(argv, "hydra.run.dir")
+    if resume is None:
+        if run_dir_arg is not None and not multirun:
+            run_dir = RunDir(run_dir_arg)
+            run_dir.check_writable()
+            if run_dir.has_results():
+                raise RunDirError(
+                    f"{run_dir.path} already holds results of a run: pass resume="
+                    f"{run_dir.path} to continue it, or choose another hydra.run.dir"
+                )
+        return
+    run_dir = RunDir(resume)
+    if multirun:
+        if not run_dir.path.is_dir():
+            raise RunDirError(f"resume={resume}: no such sweep dir")
+        return
+    if not run_dir.config.is_file():
+        raise RunDirError(
+            f"resume={resume}: no palign run there (no config.yaml)",
+            "resume= takes the run dir of an earlier `python -m palign` run",
+        )
+    run_dir.check_free()
+    for folder in sorted(run_dir.path.glob("results/*/")):
+        run_dir.finished_rows(folder.name)
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from palign.rundir import check_resume
+
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir.path.resolve())
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    check_resume(cfg, run_dir)
+
+
+def main() -> None:
+    from palign.config import register_all
+
+    register_all()
+    with cli("palign"):
+        precheck(sys.argv[1:])
+    app()
+
+
+if __name__ == "__main__":
+    main()
