@@ -24,9 +24,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 import palign.cli.run as app
-from palign import CONF_DIR, generate, merge, reproduce, sweep
+from palign import CONF_DIR
+from palign.cli import generate
 from palign.data import check as data_check
 from palign.data.papi import locate_papi
+from palign.report import reproduce
+from palign.runs import merge, sweep
 from palign.runs.runner import run
 
 TINY = ["model=tiny_llama", "hardware=cpu"]

@@ -20,8 +20,8 @@ from palign.data.papi import select_subjects
 from palign.errors import ConfigError, RunDirError
 from palign.rundir import RunDir
 from palign.runs.merge import merge
-from palign.runs.runner import objective, run
-from palign.runs.sweep import COLUMNS, log_to_wandb
+from palign.runs.runner import run
+from palign.runs.sweep import COLUMNS, log_to_wandb, objective
 from palign.runs.tracking import RunTracker
 from wandb_records import read_wandb_run, read_wandb_table
 

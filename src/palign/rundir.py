@@ -118,7 +118,42 @@ class RunDir:
         return self.answers(method) / f"{case}.csv"
 
     def artifacts(self, method: str) -> Path:
-        return self.path / "artifacts" / method
+        return self.artifacts_root / method
+
+    def answers_files(self, method: str) -> list[Path]:
+        """``method``'s answers files, in case order."""
+        folder = self.answers(method)
+        return sorted(folder.glob("*.csv"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+
+    @property
+    def artifacts_root(self) -> Path:
+        """``artifacts/``: one folder per method, one per case inside."""
+        return self.path / "artifacts"
+
+    def artifact_methods(self) -> list[Path]:
+        """The ``artifacts/<method>/`` folders, by name."""
+        root = self.artifacts_root
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def artifact_folders(self) -> list[Path]:
+        """Every ``artifacts/<method>/<case>/`` folder, by method then name."""
+        return [p for m in self.artifact_methods() for p in sorted(m.iterdir()) if p.is_dir()]
+
+    def artifact_files(self, name: str) -> list[Path]:
+        """Every file called ``name`` in an artifact folder (e.g. ``head_accuracy.npy``)."""
+        return sorted(f for folder in self.artifact_folders() if (f := folder / name).is_file())
+
+    def reader_files(self) -> list[Path]:
+        """What a reader of the run wants beside the numbers: ``report.md``, ``report.html``,
+        ``summary.json``, ``results.jsonl`` and the plots (those that exist)."""
+        files = [self.report, self.html, self.summary, self.path / "results.jsonl"]
+        plots = sorted(self.plots.glob("*.png")) if self.plots.is_dir() else []
+        return [f for f in files if f.is_file()] + plots
+
+    @property
+    def overrides(self) -> Path:
+        """Hydra's record of the command-line overrides of the run (``.hydra/overrides.yaml``)."""
+        return self.path / ".hydra" / "overrides.yaml"
 
     def rows_file(self, method: str, main: str) -> Path:
         """``results.jsonl`` for the run's main method, ``compare/<method>.jsonl`` else."""

@@ -22,7 +22,8 @@ log = logging.getLogger("palign")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from palign.runs.runner import objective, run
+    from palign.runs.runner import run
+    from palign.runs.sweep import objective
 
     with cli("palign", log):
         return objective(cfg, run(cfg))

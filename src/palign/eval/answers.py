@@ -31,7 +31,7 @@ import pandas as pd
 from palign.constants import OPTION_LETTERS
 from palign.data.papi import Item
 from palign.eval.metrics import SubjectMetrics, metrics_of
-from palign.rundir import write_atomic
+from palign.rundir import RunDir, write_atomic
 
 
 @dataclass
@@ -147,8 +147,7 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def read_answers(run_dir: Path, method: str) -> pd.DataFrame:
     """Every subject's answers file of ``method`` in ``run_dir``, concatenated (case order)."""
-    folder = Path(run_dir) / "answers" / method
-    paths = sorted(folder.glob("*.csv"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+    paths = RunDir(run_dir).answers_files(method)
     if not paths:
-        raise FileNotFoundError(f"{folder}: no answers files")
+        raise FileNotFoundError(f"{RunDir(run_dir).answers(method)}: no answers files")
     return pd.concat([read_table(p) for p in paths], ignore_index=True)

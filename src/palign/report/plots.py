@@ -19,6 +19,7 @@ from palign.constants import TRAITS
 from palign.eval.answers import read_answers
 from palign.report.markdown import fmt
 from palign.report.results import MethodResult, ReproduceError, Run
+from palign.rundir import RunDir
 
 ALPHA_KEYS = {
     "alpha_scores": "Score on the subject's own 120 alignment items (k-fold, held-out)",
@@ -118,13 +119,14 @@ def plot_head_accuracy(run: Run, path: Path) -> bool:
     """Heatmap layers x heads of the probe validation accuracy (``head_accuracy.npy``, (groups,
     layers, heads)), mean over groups (NaN groups left out) then over subjects. False (nothing
     written) when the run dir holds no such file."""
-    files = sorted(run.path.glob("artifacts/**/head_accuracy.npy"))
+    run_dir = RunDir(run.path)
+    files = run_dir.artifact_files("head_accuracy.npy")
     if not files:
         return False
     arrays = [np.load(f) for f in files]
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
-        raise ReproduceError(f"{run.path / 'artifacts'}: head_accuracy.npy shapes differ: {shapes}")
+        raise ReproduceError(f"{run_dir.artifacts_root}: head_accuracy.npy shapes differ: {shapes}")
     per_subject = np.stack(
         [np.where(np.isfinite(a), a, 0).sum(0) / np.isfinite(a).sum(0) for a in arrays]
     )

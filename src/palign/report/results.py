@@ -161,7 +161,7 @@ def load_run(path: Path) -> Run:
         differ = _differences(entry, aggregate(computed[name]))
         if differ:
             raise ReproduceError(
-                f"{summary_path}: {name} recomputed from {path / 'answers'} differs "
+                f"{summary_path}: {name} recomputed from {run_dir.answers(name).parent} differs "
                 f"({'; '.join(differ)}): edited, or from another run?"
             )
     return Run.of(path, summary, rows, baselines)

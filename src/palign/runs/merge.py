@@ -20,7 +20,8 @@ from palign.config import plan
 from palign.errors import ConfigError, RunDirError, cli
 from palign.eval.metrics import aggregate
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
-from palign.runs.runner import baseline_rows, summarize, write_outputs
+from palign.runs.runner import baseline_rows
+from palign.runs.summary import summarize, write_outputs
 
 log = logging.getLogger("palign")
 
@@ -93,12 +94,13 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
         rows[method.name],
         compare,
         baseline_rows(data, subjects, out),
+        baseline_rows(data, data.subjects),
     )
     summary["merged_from"] = [str(d) for d in shard_dirs]
     write_atomic(out.config, OmegaConf.to_yaml(cfg))
     for shard in shards:  # artifacts stay in the shards (adapters are large): linked
-        for folder in sorted(shard.path.glob("artifacts/*/*")):
-            out.link(folder, out.path / folder.relative_to(shard.path))
+        for folder in shard.artifact_folders():
+            out.link(folder, out.artifacts(folder.parent.name) / folder.name)
     print(write_outputs(out, summary, rows))
     return summary
 

@@ -10,7 +10,6 @@ Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``answers/<method>/<
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from palign import __version__
 from palign.config import Plan, build, plan
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject
@@ -34,10 +32,10 @@ from palign.methods.base import Answers, Artifact, Candidates, Method, MethodCon
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
 from palign.report.html import write_page
-from palign.report.markdown import report_markdown
 from palign.report.plots import plot_run
 from palign.report.results import load_run
 from palign.rundir import SCHEMA_VERSION, RunDir, check_resume, write_atomic
+from palign.runs.summary import aggregate_baselines, summarize, with_setup_cost, write_outputs
 from palign.runs.tracking import RunTracker
 
 log = logging.getLogger("palign")
@@ -137,16 +135,6 @@ def baseline_rows(
     return out
 
 
-def aggregate_baselines(rows: dict[str, Sequence[dict]]) -> dict[str, dict]:
-    """:func:`aggregate` of each baseline's rows, without timings (they use no model)."""
-    out = {}
-    for name, baseline in rows.items():
-        entry = aggregate(baseline)
-        entry.pop("timing", None)
-        out[name] = entry
-    return out
-
-
 def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
     """Aggregated results of every statistical baseline on ``subjects``."""
     return aggregate_baselines(baseline_rows(data, subjects))
@@ -210,14 +198,6 @@ def setup(method: Method, context: MethodContext, meter: CostMeter | None) -> di
     return (meter.snapshot() - before).to_dict() if meter else None
 
 
-def with_setup_cost(entry: dict, cost: dict | None) -> dict:
-    """``entry`` (an aggregate) with the method's one-off set-up cost beside its per-subject
-    cost, when it used a model."""
-    if cost is not None:
-        entry.setdefault("cost", {})["setup"] = cost
-    return entry
-
-
 def _log_line(row: dict) -> str:
     maes = " ".join(f"{t} {row['mae'][t]:.2f}" for t in TRAITS)
     t = row["timing"]
@@ -225,71 +205,6 @@ def _log_line(row: dict) -> str:
         f"case {row['case']}: Score {row['score']:.3f} ({maes}) UNK {100 * row['unk_rate']:.1f}% "
         f"align {t['align_s']:.2f}s eval {t['eval_s']:.2f}s"
     )
-
-
-def selection_score(rows: Sequence[dict]) -> float | None:
-    """Mean over subjects of the cross-validated Score of the chosen hyper-parameters on the
-    subjects' own alignment items (``align_info.selection_score``, e.g. PAS under
-    protocol=clean); None when a method selected nothing there. The objective of
-    ``hparams_search``: it never reads a test item."""
-    scores = [r.get("align_info", {}).get("selection_score") for r in rows]
-    if not rows or any(s is None for s in scores):
-        return None
-    return float(np.mean(scores))
-
-
-def objective(cfg: DictConfig, summary: dict) -> float | None:
-    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
-    (None when no metric is configured; see :func:`check_objective`)."""
-    metric = cfg.get("optimized_metric")
-    return summary[metric] if metric else None
-
-
-def summarize(
-    cfg: DictConfig,
-    method: Method,
-    model_name: str,
-    data: PapiData,
-    subjects: Sequence[Subject],
-    rows: Sequence[dict],
-    compare: dict[str, dict],
-    baselines: dict[str, Sequence[dict]],
-    notes: Sequence[str] = (),
-) -> dict:
-    """The run's ``summary.json`` content: the method's aggregate beside the compared methods'
-    and the statistical baselines' (``baselines``: their rows on the same subjects), the
-    baselines on all loaded subjects, and every method's ``notes`` for the report."""
-    return {
-        "schema": SCHEMA_VERSION,
-        "method": method.name,
-        "model": model_name,
-        "protocol": {
-            "name": cfg.protocol.name,
-            "coding": cfg.protocol.coding,
-            "scoring": cfg.scoring.mode if method.uses_llm else "none (no LLM)",
-        },
-        "n_test_items": len(data.inventory.test),
-        **aggregate(rows),
-        "selection_score": selection_score(rows),
-        "cases": [s.case for s in subjects],
-        "shard": cfg.dataset.get("shard"),
-        "compare": compare,
-        "baselines": aggregate_baselines(baselines),
-        "baselines_all_subjects": baseline_results(data, data.subjects),
-        "notes": list(notes),
-        "versions": {"palign": __version__},
-    }
-
-
-def write_outputs(run_dir: RunDir, summary: dict, rows: dict[str, Sequence[dict]]) -> str:
-    """``summary.json``, ``report.md`` and the per-method JSON-lines files (``results.jsonl``
-    for the main method, ``compare/<name>.jsonl`` for the others); returns the report."""
-    for name, method_rows in rows.items():
-        run_dir.write_rows(name, summary["method"], method_rows)
-    write_atomic(run_dir.summary, json.dumps(summary, indent=2))
-    report = report_markdown(summary)
-    write_atomic(run_dir.report, report)
-    return report
 
 
 def run(cfg: DictConfig) -> dict:
@@ -360,7 +275,16 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
         }
         baselines = baseline_rows(data, subjects, run_dir)
         summary = summarize(
-            cfg, method, model_name, data, subjects, rows[method.name], compare, baselines, notes
+            cfg,
+            method,
+            model_name,
+            data,
+            subjects,
+            rows[method.name],
+            compare,
+            baselines,
+            baseline_rows(data, data.subjects),
+            notes,
         )
         with_setup_cost(summary, setup_cost[method.name])
         report = write_outputs(run_dir, summary, rows)

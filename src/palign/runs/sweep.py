@@ -31,6 +31,13 @@ COLUMNS = ["job", "overrides", "method", "model", "protocol", "subjects", *TRAIT
            "unk_rate", "selection_score", "align_s_per_subject", "eval_s_per_subject"]  # fmt: skip
 
 
+def objective(cfg: DictConfig, summary: dict) -> float | None:
+    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
+    (None when no metric is configured; see :func:`palign.config.build.check_objective`)."""
+    metric = cfg.get("optimized_metric")
+    return summary[metric] if metric else None
+
+
 def _entry_row(job: str, overrides: str, summary: dict, name: str, entry: dict, model: str) -> dict:
     timing = entry.get("timing", {})
     return {
@@ -50,7 +57,7 @@ def _entry_row(job: str, overrides: str, summary: dict, name: str, entry: dict, 
 
 
 def _overrides(job_dir: Path) -> str:
-    path = job_dir / ".hydra" / "overrides.yaml"
+    path = RunDir(job_dir).overrides
     return " ".join(OmegaConf.load(path)) if path.is_file() else ""
 
 
@@ -64,7 +71,10 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     """Rows of every job under ``sweep_dir`` (main and compared methods, then the statistical
     baselines once per distinct subject set and coding) and the job dirs without a summary."""
     rows, missing, seen = [], [], set()
-    jobs = sorted((p.parent for p in sweep_dir.glob("*/config.yaml")), key=_job_order)
+    found = (
+        [p for p in sweep_dir.iterdir() if RunDir(p).config.is_file()] if sweep_dir.is_dir() else []
+    )
+    jobs = sorted(found, key=_job_order)
     baseline_rows = []
     for job in jobs:
         run_dir = RunDir(job)

@@ -295,16 +295,14 @@ class RunTracker:
     def _wandb_summary(logger: WandbLogger, flat: dict, rows: Sequence[dict], run_dir: RunDir):
         import wandb
 
-        out_dir = run_dir.path
         run = logger.experiment
         run.summary.update(flat)
         logger.log_table(key="subjects", columns=ROW_COLUMNS, data=[row_cells(r) for r in rows])
         artifact = wandb.Artifact(f"palign-{run.id}", type="palign-run")
-        for pattern in ("report.md", "report.html", "summary.json", "results.jsonl", "plots/*.png"):
-            for path in sorted(out_dir.glob(pattern)):
-                artifact.add_file(str(path), name=str(path.relative_to(out_dir)))
+        for path in run_dir.reader_files():
+            artifact.add_file(str(path), name=str(path.relative_to(run_dir.path)))
         run.log_artifact(artifact)
-        for folder in sorted(p for p in (out_dir / "artifacts").glob("*") if p.is_dir()):
+        for folder in run_dir.artifact_methods():
             if any(folder.glob("*/profile.json")):
                 kind = "palign-profile"
             elif any(folder.glob("*/adapter_config.json")):
