@@ -95,7 +95,7 @@ def test_slurm_shards_dry_run_submits_an_array_and_a_dependent_merge():
     array, merge = done.stdout.strip().splitlines()
     assert "--array=0-15" in array and "--partition=a100" in array and "--requeue" in array
     assert "--time=02:00:00" in array and "shard_job.sh" in array and "model=llama3_8b" in array
-    assert merge.startswith("sbatch --dependency=afterok:") and "palign.merge" in merge
+    assert merge.startswith("sbatch --dependency=afterok:") and "palign.runs.merge" in merge
 
 
 # --- what the launchers pass on -----------------------------------------------------------

@@ -76,7 +76,7 @@ def test_item_mean_uses_other_subjects_and_trait_offset(papi):
 
 def test_constant_rejects_values_off_the_scale():
     with pytest.raises(ValueError, match="method.value=7"):
-        Constant(7)
+        Constant(value=7)
 
 
 def test_baselines_reproduce_the_documented_numbers(papi):

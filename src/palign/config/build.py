@@ -5,7 +5,8 @@ Every failure is one :class:`~palign.errors.ConfigError` line naming the key."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
 from typing import Any
 
 from hydra.errors import InstantiationException, MissingConfigException
@@ -82,10 +83,12 @@ def build_method(node: DictConfig, key: str = "method") -> Method:
     return method
 
 
-def with_settings(node: DictConfig, settings: Mapping[str, Any], what: str) -> DictConfig:
+def with_settings(
+    node: DictConfig, settings: Mapping[str, Any], what: str, also: Iterable[str] = ()
+) -> DictConfig:
     """``node`` with ``settings`` merged in (as ``<key>.<name>=<value>`` on the command line
-    would); a name the node does not have is a ConfigError listing the ones it has."""
-    known = sorted(str(k) for k in node if not str(k).startswith("_"))
+    would); a name neither the node nor ``also`` has is a ConfigError listing the ones known."""
+    known = sorted({str(k) for k in node if not str(k).startswith("_")} | set(also))
     unknown = sorted(str(k) for k in settings if str(k).startswith("_") or k not in known)
     if unknown:
         raise ConfigError(
@@ -125,7 +128,8 @@ def compare_methods(cfg: DictConfig) -> list[DictConfig]:
             ) from None
         except Exception as e:  # Hydra: a bad YAML, a key its schema does not have
             raise ConfigError(f"{key}: method {config!r}: {' '.join(str(e).split())}") from None
-        node = with_settings(node, settings, f"{key} (method {config})")
+        declared = [f.name for f in fields(method_class(node, key).Settings)]
+        node = with_settings(node, settings, f"{key} (method {config})", also=declared)
         other = cfg.copy()
         with open_dict(other):
             other.method = node
