@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import os
 import subprocess
 import sys
@@ -257,3 +258,23 @@ def test_the_docs_show_the_example_as_it_is():
     assert module[module.index("@dataclass\nclass ShrunkTraitMeanSettings") :].strip() in page
     yaml = (EXAMPLE / "conf" / "method" / "shrunk_trait_mean.yaml").read_text()
     assert yaml.split("\n", 1)[1].strip() in page  # below its comment line
+
+
+def test_palign_settings_lists_each_setting_with_its_value_default_and_help(capsys):
+    from palign.config.describe import main
+
+    assert main(["method=pas", "protocol=paper", "method.top_k=8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method=pas: palign.methods.pas.PAS\n")
+    assert "  top_k: int = 8  (default 24)\n      heads shifted: the top K" in out
+    assert "  split: str = 'row'  (default 'item'; follows protocol.pas.split)\n" in out
+    assert "  seed: int = 0  (follows seed)\n" in out
+    assert re.findall(r"(?m)^  (\w+): ", out) == [f.name for f in fields(PAS.Settings)]
+    assert main(["method=trait_mean"]) == 0
+    assert "TraitMean has no settings." in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        main(["method=nope"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("palign settings: error: In 'config': Could not find 'method/nope'")
+    assert len(err) == 2 and err[1].startswith("palign settings: hint:")
