@@ -249,13 +249,29 @@ def test_bad_input_is_one_line_and_changes_nothing(case, finished, tmp_path, mon
     before = {p: snapshot(p) for p in ctx.watched}
     capsys.readouterr()
     status = invoke(case.get("entry", "palign"), argv, monkeypatch)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert status == case.get("code", 1), err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if "error: " in line]
     assert len(lines) == 1, err[-3000:]
     for part in map(ctx.sub, case["culprit"]):
         assert part in lines[0], (part, lines[0])
+    message = lines[0].split("error: ", 1)[1]
+    assert (out + err).count(message) == 1, out[-3000:]  # not logged to the console as well
     assert snapshot(finished) == before_finished
     for path, files in before.items():
         assert snapshot(path) == files, f"{path} changed"
+
+
+def test_a_run_error_is_shown_once_and_kept_in_the_run_log(tmp_path, monkeypatch, capsys):
+    """A run's error is one line on the terminal (not logged to the console too) and is in the
+    run dir's log file."""
+    run_dir = tmp_path / "run"
+    argv = [*TINY, f"dataset.root={tmp_path / 'nothing'}", f"hydra.run.dir={run_dir}"]
+    assert invoke("palign", argv, monkeypatch) == 1
+    out, err = capsys.readouterr()
+    (line,) = [x for x in err.splitlines() if "error: " in x]
+    message = line.split("palign: error: ", 1)[1]
+    assert str(tmp_path / "nothing") in message and (out + err).count(message) == 1
+    (log,) = run_dir.glob("*.log")
+    assert message in log.read_text()
