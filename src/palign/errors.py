@@ -71,15 +71,27 @@ def report(prog: str, error: PalignError) -> str:
     return text + (f"\n{prog}: hint: {error.hint}" if error.hint else "")
 
 
+def _log_to_files(log: logging.Logger, error: PalignError) -> None:
+    """``error`` as an ERROR record of ``log``, handled only by the file handlers it reaches."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None
+
+
 @contextmanager
 def cli(prog: str, log: logging.Logger | None = None) -> Iterator[None]:
     """Run an entry point's body: a :class:`PalignError` ends the process with status 1 and
-    :func:`report`'s lines on stderr (and in ``log``, e.g. the run's log file)."""
+    :func:`report`'s lines on stderr (and in ``log``'s files, e.g. the run's log file: not on
+    its console handlers, which would show the error a second time)."""
     try:
         yield
     except PalignError as e:
         if log is not None:
-            log.error("%s", e)
+            _log_to_files(log, e)
         if wants_traceback():
             traceback.print_exc()
         print(report(prog, e), file=sys.stderr)

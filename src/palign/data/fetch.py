@@ -1,12 +1,14 @@
-"""Download the PAPI files into palign's cache: ``palign data fetch [--dir DIR] [--url URL]``.
+"""Download the PAPI files: ``palign data fetch [--dir DIR] [--url URL] [--if-missing]``.
 
 The files come from the ``PAPI/`` folder of the public repository zhu-minjun/PAlign at a pinned
 commit, and each is checked against its pinned sha256 before it is put in place. An interrupted
 download is kept as ``.<name>.part`` and resumed (HTTP range request) by the next fetch; files
 already in place with the right sum are not downloaded again. The default folder is
-``<cache>/papi`` (``$PALIGN_CACHE`` or ``~/.cache/palign``), where palign looks for the data
-after ``dataset.root``, ``$PALIGN_DATA``, ``./data/papi`` and ``../shared/papi``;
-``$PALIGN_DATA_URL`` (or ``--url``) replaces the source, e.g. a mirror.
+``$PALIGN_DATA`` when set (palign looks there first), else ``<cache>/papi`` (``$PALIGN_CACHE`` or
+``~/.cache/palign``), where palign looks for the data after ``dataset.root``, ``$PALIGN_DATA``,
+``./data/papi`` and ``../shared/papi``; ``$PALIGN_DATA_URL`` (or ``--url``) replaces the source,
+e.g. a mirror. ``--if-missing`` (what ``make demo`` and ``make test`` run first) downloads only
+when palign finds no PAPI files where it looks.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ CHUNK = 1 << 16
 
 
 def default_dir() -> Path:
-    return cache_root() / "papi"
+    """``$PALIGN_DATA`` when set (where palign looks first), else ``<cache>/papi``."""
+    env = os.environ.get("PALIGN_DATA")
+    return Path(env).expanduser() if env else cache_root() / "papi"
 
 
 def sha256(path: Path) -> str:
@@ -71,7 +75,8 @@ def _download(url: str, part: Path, size: int, name: str) -> None:
     except (urllib.error.URLError, OSError) as e:
         raise DataError(
             f"{url}: cannot download ({getattr(e, 'reason', e)})",
-            "check the connection, or set $PALIGN_DATA_URL to a mirror",
+            "check the connection, or set $PALIGN_DATA_URL to a mirror, or point $PALIGN_DATA "
+            "at a copy of the PAPI files",
         ) from None
     with response:
         if have and response.status != 206:  # the server ignored the range: start over
@@ -127,12 +132,28 @@ def fetch(dest: str | os.PathLike | None = None, base_url: str | None = None) ->
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="palign data fetch",
-        description="Download the PAPI files (pinned sha256 sums) into palign's cache.",
+        description="Download the PAPI files (pinned sha256 sums) where palign finds them.",
     )
     parser.add_argument("--dir", help=f"where to put them (default: {default_dir()})")
     parser.add_argument("--url", help="the folder URL to download from (default: GitHub)")
+    parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="download only when palign finds no PAPI files where it looks ($PALIGN_DATA, "
+        "./data/papi, ../shared/papi, the cache)",
+    )
     args = parser.parse_args(argv)
     with cli("palign data fetch"):
+        if args.if_missing and not args.dir:
+            from palign.data.papi import PapiDataError, locate_papi
+
+            try:
+                folder = locate_papi(None)
+            except PapiDataError:
+                pass
+            else:
+                print(f"PAPI files found in {folder}")
+                return 0
         folder = fetch(args.dir, args.url)
     print(f"PAPI files in {folder} (sha256 checked)")
     return 0

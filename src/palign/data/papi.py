@@ -30,7 +30,8 @@ SPLIT_FIELDS = ("train_index", "test_index")
 ITEM_KEY_COLUMNS = ("Full#", "Sign", "Facet", "Item")
 PERSONA_FILE = "personality_prompt.json"
 WHERE_TO_GET = (
-    "Download them with `palign data fetch` (into palign's cache, where they are then found), or "
+    "Download them with `palign data fetch` (into $PALIGN_DATA when set, else palign's cache; "
+    "palign finds them there), or "
     "get them from the PAPI/ folder of the public repository zhu-minjun/PAlign (the full set is "
     "WestlakeNLP/PAPI-300K on the Hugging Face hub) and point dataset.root or $PALIGN_DATA at "
     "the folder, or place it at ./data/papi"
