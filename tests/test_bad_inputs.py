@@ -22,13 +22,12 @@ from string import Template
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
 import palign.cli.run as app
-from palign import CONF_DIR
 from palign.cli import generate
+from palign.config import compose
 from palign.data import check as data_check
 from palign.data.papi import locate_papi
 from palign.report import reproduce
@@ -66,8 +65,7 @@ def finished(tmp_path_factory) -> Path:
     """A finished run on tiny_llama: PAS (a profile per subject) beside DPO (an adapter)."""
     out = tmp_path_factory.mktemp("finished") / "run"
     overrides = [f"{k}={v}" for k, v in FINISHED.items()]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out)
     run(cfg)
