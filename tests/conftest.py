@@ -1,8 +1,20 @@
-"""Shared fixtures: the real PAPI files, a tiny random model, Hydra composition."""
+"""Shared fixtures: the real PAPI files, a tiny random model, Hydra composition; under
+pytest-xdist (``make test``), each worker's share of the CPU, the embedded model converted once
+before the workers start, and the slowest tests handed out first."""
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each worker (and the palign processes its tests start) gets its share of the cores: torch's
+    # default of one thread per core, in every worker at once, oversubscribes them.
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (_CORES or 1) // _WORKERS)))
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -47,8 +59,54 @@ DATA_MODULES = {
 DATA_FIXTURES = {"papi", "cfg_factory"}
 
 
+#: The slowest tests (a few CPU-minutes together on 2 cores), in the order pytest-xdist should hand
+#: them out: first, so that the many quick ones fill the gaps at the end. Node-id prefixes.
+SLOWEST_FIRST = (
+    "tests/test_reproduce.py",  # make reproduce-smoke: both protocols, every method
+    "tests/test_integration_pas_smollm2.py",
+    "tests/test_launchers.py::test_multi_gpu_node_runs",
+    "tests/test_bad_inputs.py",
+    "tests/test_packaging.py",
+    "tests/test_integration_smollm2.py",
+    "tests/test_bench_gpu.py",
+    "tests/test_infra.py::test_shards_through_submitit",
+    "tests/test_infra.py::test_killed_run_resumes",
+    "tests/test_app.py::test_pas_end_to_end_on_tiny_llama",
+    "tests/test_loading_progress.py",
+    "tests/test_generate.py::test_generate_cli",
+    "tests/test_schema.py::test_a_method_of_ones_own",
+    "tests/test_infra.py::test_multirun",
+    "tests/test_infra.py::test_optuna",
+    "tests/test_pas.py::test_profile_round_trip",
+    "tests/test_app.py::test_runs_are_reproducible",
+    "tests/test_rundir.py::test_cli_error",
+    "tests/test_quant4bit.py",
+)
+#: Modules whose tests share a module-scoped fixture worth building once (a finished run, a
+#: wheel in a venv, make reproduce-smoke, the embedded model): one xdist worker runs each.
+SHARED_FIXTURE_MODULES = (
+    "test_reproduce", "test_bad_inputs", "test_packaging", "test_integration_smollm2",
+    "test_bench_gpu", "test_quant4bit", "test_api",
+)  # fmt: skip
+
+
+def _slowness(item) -> int:
+    for rank, prefix in enumerate(SLOWEST_FIRST):
+        if item.nodeid.startswith(prefix):
+            return rank
+    return len(SLOWEST_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Without the PAPI files, every test that needs them is skipped with one reason."""
+    """Without the PAPI files, every test that needs them is skipped with one reason. The
+    slowest tests come first (a stable sort: the others keep their order), and the tests of a
+    module in :data:`SHARED_FIXTURE_MODULES` form one xdist group."""
+    items.sort(key=_slowness)
+    for item in items:
+        name = item.module.__name__
+        if name in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(name))
     reason = _papi_missing()
     if reason is None:
         return
@@ -56,6 +114,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if DATA_FIXTURES & set(item.fixturenames) or item.module.__name__ in DATA_MODULES:
             item.add_marker(skip)
+
+
+def pytest_sessionstart(session):
+    """With xdist workers, convert the embedded model (the tokenizer of tiny_llama too) here,
+    once, before they start: each would otherwise convert it on first use (~25 s)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not session.config.getoption("numprocesses", None):
+        return
+    from palign.models.loading import ModelLoadError, converted_gguf_dir
+
+    try:
+        converted_gguf_dir()
+    except ModelLoadError:  # the embedded package is not installed: its tests say so
+        pass
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

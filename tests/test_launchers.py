@@ -36,8 +36,15 @@ def _script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     return done
 
 
-def test_multi_gpu_node_runs_shards_in_parallel_merges_and_resumes(tmp_path):
-    out = tmp_path / "node"
+# A shard dir goes into Hydra overrides (hydra.run.dir=..., resume=...) as well as being a path:
+# this name holds what Hydra's override grammar and a shell both treat specially.
+HOSTILE_NODE_DIR = "node dir; 'q' \"dq\" $(touch pwned) `touch pwned` a,b * [c] {d} \\ é 50%"
+
+
+def test_multi_gpu_node_runs_shards_in_parallel_merges_and_resumes_in_a_hostile_out_dir(tmp_path):
+    """The real program (Hydra's override grammar, the run, the merge) gets the dir exactly; the
+    same command again resumes every shard (resume=<the quoted dir>)."""
+    out = tmp_path / HOSTILE_NODE_DIR
     args = [str(out), "model=tiny_llama", "method=no_change", "dataset.limit=3"]
     _script("multi_gpu_node.sh", *args, PALIGN_GPUS="2")
     shards = [json.loads((out / "shards" / i / "summary.json").read_text()) for i in "01"]
@@ -47,38 +54,15 @@ def test_multi_gpu_node_runs_shards_in_parallel_merges_and_resumes(tmp_path):
     assert merged["n_subjects"] == 3 and merged["merged_from"] == [
         str(out / "shards" / i) for i in "01"
     ]
-    # The same command again resumes every shard: nothing is evaluated twice.
-    _script("multi_gpu_node.sh", *args, PALIGN_GPUS="2")
-    logs = [(out / "logs" / f"shard-{i}.log").read_text() for i in "01"]
-    assert "2 finished subject(s) found" in logs[0] and "1 finished subject(s) found" in logs[1]
-    assert json.loads((out / "merged" / "summary.json").read_text())["score"] == merged["score"]
-
-
-# A shard dir goes into Hydra overrides (hydra.run.dir=..., resume=...) as well as being a path:
-# this name holds what Hydra's override grammar and a shell both treat specially.
-HOSTILE_NODE_DIR = "node dir; 'q' \"dq\" $(touch pwned) `touch pwned` a,b * [c] {d} \\ é 50%"
-
-
-def test_multi_gpu_node_real_run_in_a_hostile_out_dir(tmp_path):
-    """The real program (Hydra's override grammar, the run, the merge) gets the dir exactly."""
-    out = tmp_path / HOSTILE_NODE_DIR
-    args = [str(out), "model=tiny_llama", "method=no_change", "dataset.limit=2"]
-    _script("multi_gpu_node.sh", *args, PALIGN_GPUS="2")
-    shards = [json.loads((out / "shards" / i / "summary.json").read_text()) for i in "01"]
-    merged = json.loads((out / "merged" / "summary.json").read_text())
-    assert [s["shard"] for s in shards] == ["0/2", "1/2"] and merged["n_subjects"] == 2
-    assert merged["merged_from"] == [str(out / "shards" / i) for i in "01"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [HOSTILE_NODE_DIR]  # nothing else made
     assert not (ROOT / "pwned").exists()
-    # Again: each shard resumes its dir (resume=<the quoted dir>).
+    # The same command again resumes every shard: nothing is evaluated twice.
     again = _run("multi_gpu_node.sh", *args, PALIGN_GPUS="2")
     logs = [(out / "logs" / f"shard-{i}.log").read_text() for i in "01"]
-    if again.returncode and "no palign run there" in logs[0]:
-        pytest.xfail(
-            "palign.__main__.check_resume_args reads resume= from argv without Hydra's quoting"
-        )
     assert again.returncode == 0, again.stderr + logs[0][-2000:]
-    assert all("1 finished subject(s) found" in log for log in logs)
+    assert "2 finished subject(s) found" in logs[0] and "1 finished subject(s) found" in logs[1]
+    assert json.loads((out / "merged" / "summary.json").read_text())["score"] == merged["score"]
+    assert not (ROOT / "pwned").exists()
 
 
 def test_slurm_shards_dry_run_submits_an_array_and_a_dependent_merge():

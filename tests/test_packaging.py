@@ -37,14 +37,16 @@ def installed(tmp_path_factory) -> Path:
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     (wheel,) = (tmp / "dist").glob("palign-*.whl")
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    venv = tmp / "venv"  # without pip of its own (ensurepip: seconds): this pip installs into it
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300
+    )
     (site,) = (venv / "lib").glob("python*/site-packages")
     deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
     (site / "palign_test_deps.pth").write_text(deps + "\n")  # torch & co. without a download
     subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-         str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+         "--no-deps", "--no-index", str(wheel)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
     return venv

@@ -57,13 +57,9 @@ def _overrides(folder, *more: str) -> list[str]:
 @pytest.fixture(scope="module")
 def loaded4(tiny_folder):
     """The tiny checkpoint loaded by the real 4-bit config (Hydra-composed, as a run does)."""
-    from hydra import compose, initialize_config_dir
+    from palign.config import compose
 
-    from conftest import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=_overrides(tiny_folder))
-    return build(cfg.model)
+    return build(compose(_overrides(tiny_folder)).model)
 
 
 def _linear4bit(model) -> dict[str, torch.nn.Module]:

@@ -208,26 +208,6 @@ def test_a_paper_model_run_gets_the_published_numbers_beside_it(smoke, tmp_path)
     )
 
 
-@pytest.mark.parametrize(
-    "content, message",
-    [(None, "summary.json: missing (is "), ("{not json", "summary.json: not valid JSON (")],
-)
-def test_unreadable_summary_is_one_clear_error(tmp_path, content, message):
-    run = tmp_path / "run"
-    run.mkdir()
-    if content is not None:
-        (run / "summary.json").write_text(content)
-    proc = subprocess.run(
-        [sys.executable, "-m", "palign.report.reproduce", "--out", str(tmp_path / "out"), str(run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"palign reproduce: error: {run / 'summary.json'}: ") and message in last
-
-
 def test_two_runs_of_one_protocol_are_refused(smoke):
     with pytest.raises(ReproduceError, match="are both protocol=clean: pass one each"):
         reproduce([smoke / "clean", smoke / "clean"], smoke / "unused")
