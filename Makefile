@@ -57,11 +57,11 @@ reproduce-smoke: REPRO_OUT ?= outputs/reproduce_smoke
 reproduce-smoke: setup data ## The reproduce pipeline in ~3 min (2 cores) on the tiny random model (numbers meaningless)
 	$(call reproduce_steps,experiment=reproduce_smoke)
 
-# pytest-xdist: one worker per core (at most TEST_WORKERS_MAX); the tests sharing a costly module
-# fixture stay on one worker (xdist_group), the slowest are handed out first (tests/conftest.py).
+# pytest-xdist: one worker per core (at most TEST_WORKERS_MAX), each test module on one worker
+# (its module fixtures built once), the costliest modules handed out first (tests/conftest.py).
 TEST_WORKERS ?= auto
 TEST_WORKERS_MAX ?= 4
-PYTEST_XDIST = -n $(TEST_WORKERS) --maxprocesses $(TEST_WORKERS_MAX) --dist loadgroup --no-loadscope-reorder
+PYTEST_XDIST = -n $(TEST_WORKERS) --maxprocesses $(TEST_WORKERS_MAX) --dist loadfile --no-loadscope-reorder
 
 test: setup data ## Run the whole test suite (includes the embedded-model integration tests)
 	$(PY) -m pytest $(PYTEST_XDIST)

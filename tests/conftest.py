@@ -1,6 +1,6 @@
 """Shared fixtures: the real PAPI files, a tiny random model, Hydra composition; under
 pytest-xdist (``make test``), each worker's share of the CPU, the embedded model converted once
-before the workers start, and the slowest tests handed out first."""
+before the workers start, and the costliest modules handed out first."""
 
 from __future__ import annotations
 
@@ -59,54 +59,27 @@ DATA_MODULES = {
 DATA_FIXTURES = {"papi", "cfg_factory"}
 
 
-#: The slowest tests (a few CPU-minutes together on 2 cores), in the order pytest-xdist should hand
-#: them out: first, so that the many quick ones fill the gaps at the end. Node-id prefixes.
-SLOWEST_FIRST = (
-    "tests/test_reproduce.py",  # make reproduce-smoke: both protocols, every method
-    "tests/test_integration_pas_smollm2.py",
-    "tests/test_launchers.py::test_multi_gpu_node_runs",
-    "tests/test_bad_inputs.py",
-    "tests/test_packaging.py",
-    "tests/test_integration_smollm2.py",
-    "tests/test_bench_gpu.py",
-    "tests/test_infra.py::test_shards_through_submitit",
-    "tests/test_infra.py::test_killed_run_resumes",
-    "tests/test_app.py::test_pas_end_to_end_on_tiny_llama",
-    "tests/test_loading_progress.py",
-    "tests/test_generate.py::test_generate_cli",
-    "tests/test_schema.py::test_a_method_of_ones_own",
-    "tests/test_infra.py::test_multirun",
-    "tests/test_infra.py::test_optuna",
-    "tests/test_pas.py::test_profile_round_trip",
-    "tests/test_app.py::test_runs_are_reproducible",
-    "tests/test_rundir.py::test_cli_error",
-    "tests/test_quant4bit.py",
-)
-#: Modules whose tests share a module-scoped fixture worth building once (a finished run, a
-#: wheel in a venv, make reproduce-smoke, the embedded model): one xdist worker runs each.
-SHARED_FIXTURE_MODULES = (
-    "test_reproduce", "test_bad_inputs", "test_packaging", "test_integration_smollm2",
-    "test_bench_gpu", "test_quant4bit", "test_api",
+#: Test modules by the CPU time their tests take (the costliest first; measured on 2 cores):
+#: pytest-xdist hands each module to one worker (``--dist loadfile``: the tests sharing a module
+#: fixture, e.g. a finished run, the wheel in a venv, ``make reproduce-smoke`` or the embedded
+#: model, build it once), these first, so that the many quick ones fill the gaps at the end.
+COSTLIEST_FIRST = (
+    "test_infra", "test_app", "test_integration_pas_smollm2", "test_reproduce", "test_packaging",
+    "test_bad_inputs", "test_launchers", "test_integration_smollm2", "test_bench_gpu", "test_pas",
+    "test_loading_progress", "test_schema", "test_rundir", "test_method_checks", "test_quant4bit",
+    "test_placement", "test_dpo", "test_ppo", "test_generate", "test_cost", "test_api",
 )  # fmt: skip
 
 
-def _slowness(item) -> int:
-    for rank, prefix in enumerate(SLOWEST_FIRST):
-        if item.nodeid.startswith(prefix):
-            return rank
-    return len(SLOWEST_FIRST)
+def _cost_rank(item) -> int:
+    name = item.module.__name__
+    return COSTLIEST_FIRST.index(name) if name in COSTLIEST_FIRST else len(COSTLIEST_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Without the PAPI files, every test that needs them is skipped with one reason. The
-    slowest tests come first (a stable sort: the others keep their order), and the tests of a
-    module in :data:`SHARED_FIXTURE_MODULES` form one xdist group."""
-    items.sort(key=_slowness)
-    for item in items:
-        name = item.module.__name__
-        if name in SHARED_FIXTURE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(name))
+    costliest modules come first (a stable sort: each module's tests keep their order)."""
+    items.sort(key=_cost_rank)
     reason = _papi_missing()
     if reason is None:
         return

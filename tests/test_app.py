@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from palign.data import select_subjects
 from palign.eval.answers import COLUMNS, PROB_COLUMNS, read_table
 from palign.eval.scoring import parse_answer
 from palign.runs.runner import run
+from test_bad_inputs import invoke
 
 GROUPS = ["model", "method", "dataset", "protocol", "hardware", "logger", "experiment"]
 
@@ -160,20 +159,14 @@ def test_runs_are_reproducible(cfg_factory):
     assert other_seed["mae"] != first["mae"]  # the seed initialises the random model
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "palign", *args, f"hydra.run.dir={cwd}/out"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        timeout=300,
-    )
-
-
-def test_cli_statistical_method(tmp_path):
-    proc = _cli("method=trait_mean", "dataset.limit=5", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "| trait_mean | 5 |" in proc.stdout
+def test_cli_statistical_method(tmp_path, monkeypatch, capsys):
+    """``python -m palign`` (its real main, in this process) prints the report's table."""
+    argv = ["method=trait_mean", "dataset.limit=5", f"hydra.run.dir={tmp_path}/out"]
+    capsys.readouterr()
+    status = invoke("palign", argv, monkeypatch)
+    out, err = capsys.readouterr()
+    assert status == 0, err[-3000:]
+    assert "| trait_mean | 5 |" in out
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["model"] == "none (no LLM)" and summary["n_subjects"] == 5
 

@@ -23,26 +23,25 @@ from palign.runs.merge import merge
 from palign.runs.runner import run
 from palign.runs.sweep import COLUMNS, log_to_wandb, objective
 from palign.runs.tracking import RunTracker
+from test_bad_inputs import invoke
 from wandb_records import read_wandb_run, read_wandb_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model=tiny_llama", "hardware=cpu")
 
 
-def palign(*args: str, module: str = "palign", timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python -m <module> args`` from the repo root (W&B offline, no key); fails the test with
-    its output if it fails."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=timeout,
-        env={**env, "WANDB_SILENT": "true"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+def palign_here(monkeypatch, capsys, *args: str) -> str:
+    """``python -m palign args`` in this process, through palign's real main as the bad-input
+    cases run it (W&B offline, no key): its stdout and stderr; fails the test with them if it
+    fails. A process of its own costs seconds of imports, and the launchers, the wheel's sweep and
+    the killed run below start real ones."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    capsys.readouterr()
+    status = invoke("palign", list(args), monkeypatch)
+    out, err = capsys.readouterr()
+    assert status == 0, out[-3000:] + err[-3000:]
+    return out + err
 
 
 def _scores(summary: dict) -> dict:
@@ -67,9 +66,11 @@ def test_shards_split_the_selection(papi):
             select_subjects(papi.subjects, shard=bad)
 
 
-def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path):
+def test_multirun_over_two_methods_writes_the_sweep_table(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "sweep"
-    palign(
+    palign_here(
+        monkeypatch,
+        capsys,
         "-m",
         *TINY,
         "method=no_change,trait_mean",
@@ -157,7 +158,7 @@ def test_tensorboard_logger_records_per_subject_scores(cfg_factory):
     assert events.Scalars("summary/no_change/score")[0].value == pytest.approx(summary["score"])
 
 
-def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path):
+def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path, monkeypatch, capsys):
     out = tmp_path / "killed"
     args = [*TINY, "method=few_shot", "dataset.limit=4", f"hydra.run.dir={out}"]
     proc = subprocess.Popen(
@@ -178,8 +179,8 @@ def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path):
     assert not (out / "summary.json").exists()
     assert (out / RunDir.LOCK).is_file()  # left by the killed run: taken over below
 
-    resumed = palign(*args, f"resume={out}")
-    assert f"{len(before)} finished subject(s) found" in resumed.stdout + resumed.stderr
+    resumed = palign_here(monkeypatch, capsys, *args, f"resume={out}")
+    assert f"{len(before)} finished subject(s) found" in resumed
     assert {p.name: p.read_text() for p in rows_dir.glob("*.json") if p.name in before} == before
     summary = json.loads((out / "summary.json").read_text())
     assert not (out / RunDir.LOCK).exists()
@@ -209,9 +210,13 @@ def test_resume_refuses_another_config_and_unknown_dirs(cfg_factory, tmp_path):
         run(twice)
 
 
-def test_shards_through_submitit_merge_to_the_unsharded_summary(cfg_factory, tmp_path):
+def test_shards_through_submitit_merge_to_the_unsharded_summary(
+    cfg_factory, tmp_path, monkeypatch, capsys
+):
     sweep = tmp_path / "shards"
-    palign(
+    palign_here(
+        monkeypatch,
+        capsys,
         "-m",
         "hydra/launcher=submitit_local",
         *TINY,
@@ -232,9 +237,11 @@ def test_shards_through_submitit_merge_to_the_unsharded_summary(cfg_factory, tmp
     assert (tmp_path / "merged" / "report.md").is_file()
 
 
-def test_optuna_sweep_minimises_the_selection_score(tmp_path):
+def test_optuna_sweep_minimises_the_selection_score(tmp_path, monkeypatch, capsys):
     sweep = tmp_path / "optuna"
-    palign(
+    palign_here(
+        monkeypatch,
+        capsys,
         "-m",
         "hparams_search=pas_optuna",
         *TINY,
@@ -369,9 +376,13 @@ def test_a_resumed_tracker_continues_the_counters_of_its_csv_log(cfg_factory):
     ]
 
 
-def test_multirun_logs_its_sweep_table_to_one_more_wandb_run(cfg_factory, tmp_path):
+def test_multirun_logs_its_sweep_table_to_one_more_wandb_run(
+    cfg_factory, tmp_path, monkeypatch, capsys
+):
     sweep = tmp_path / "sweep"
-    palign(
+    palign_here(
+        monkeypatch,
+        capsys,
         "-m",
         *TINY,
         "method=no_change,trait_mean",

@@ -16,8 +16,8 @@ from omegaconf import open_dict
 from palign.errors import RunDirError
 from palign.rundir import SCHEMA_VERSION, RunDir, write_atomic
 from palign.runs.runner import run
+from test_bad_inputs import invoke
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model=tiny_llama", "hardware=cpu")
 
 
@@ -136,30 +136,23 @@ def test_resume_appends_to_the_csv_log(cfg_factory):
     assert metrics.read_text().splitlines()[1 : len(first)] == first[1:]
 
 
-def test_cli_error_is_one_line_and_the_traceback_on_request(tmp_path):
-    def palign(env: dict) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "palign",
-                *TINY,
-                "dataset.limit=-1",
-                f"hydra.run.dir={tmp_path}",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, **env},
-            timeout=300,
-        )
+def test_cli_error_is_one_line_and_the_traceback_on_request(tmp_path, monkeypatch, capsys):
+    """``python -m palign`` (its real main, in this process): one error line, and the traceback
+    with PALIGN_TRACEBACK=1."""
 
-    plain = palign({"PALIGN_TRACEBACK": "0"})
-    assert plain.returncode == 1 and "Traceback" not in plain.stderr
-    assert plain.stderr.strip().splitlines()[-1].startswith("palign: error: dataset.limit=-1")
-    verbose = palign({"PALIGN_TRACEBACK": "1"})
-    assert verbose.returncode == 1 and "Traceback (most recent call last)" in verbose.stderr
-    assert "palign.errors.ConfigError" in verbose.stderr
+    def palign(traceback: str) -> str:
+        monkeypatch.setenv("PALIGN_TRACEBACK", traceback)
+        capsys.readouterr()
+        argv = [*TINY, "dataset.limit=-1", f"hydra.run.dir={tmp_path}"]
+        assert invoke("palign", argv, monkeypatch) == 1
+        return capsys.readouterr().err
+
+    plain = palign("0")
+    assert "Traceback" not in plain
+    assert plain.strip().splitlines()[-1].startswith("palign: error: dataset.limit=-1")
+    verbose = palign("1")
+    assert "Traceback (most recent call last)" in verbose
+    assert "palign.errors.ConfigError" in verbose
 
 
 def test_resume_continues_the_same_wandb_run(cfg_factory, monkeypatch):
