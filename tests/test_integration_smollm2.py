@@ -28,12 +28,12 @@ def test_few_shot_logit_scoring_on_one_subject(papi, smollm2):
     ids = scorer.encode_prompts(system, items)
     assert len(ids[0]) > 1200  # the 120-answer context is shared as a KV cache
     letters = letter_token_ids(scorer.renderer, "Option (")
-    with torch.no_grad():
+    with torch.no_grad():  # each prompt forwarded whole (the last position's logits only)
         plain = np.stack(
             [
-                torch.log_softmax(smollm2.model(input_ids=torch.tensor([i])).logits[0, -1], -1)[
-                    letters
-                ].numpy()
+                torch.log_softmax(
+                    smollm2.model(input_ids=torch.tensor([i]), logits_to_keep=1).logits[0, -1], -1
+                )[letters].numpy()
                 for i in ids
             ]
         )
