@@ -45,13 +45,15 @@ def test_no_change_gives_the_numbers_of_a_cli_run(cfg_factory, model, data):
     row = json.loads(line)
 
     result = api.evaluate(api.method("no_change", data, api.scorer(model)), case, data)
-    assert row["case"] == result.row["case"] == case and result.row["method"] == "no_change"
-    assert set(result.metrics) == {
+    assert row["case"] == result.row.case == case and result.row.method == "no_change"
+    metrics = vars(result.metrics)
+    assert set(metrics) == {
         "mae", "score", "unk_rate", "answers", "n_scored", "model_means", "subject_means"
     }  # fmt: skip
-    assert json.loads(json.dumps(result.metrics)) == {k: row[k] for k in result.metrics}
+    assert json.loads(json.dumps(metrics)) == {k: row[k] for k in metrics}
     assert result.score == row["score"] and result.artifact.case == case
-    assert set(result.row) == set(row) - {"subject_batch"}  # timing, cost: as the runner's
+    written = result.row.to_json()
+    assert set(written) == set(row) - {"subject_batch"}  # timing, cost: as the runner's
     cli_answers = read_table(out / "answers" / "no_change" / f"{case}.csv")
     pd.testing.assert_frame_equal(result.answers, cli_answers, check_dtype=False)
 
@@ -60,7 +62,7 @@ def test_a_baseline_needs_no_model_and_matches_the_runner(data):
     subject = data.subjects[0]
     result = api.evaluate(api.method("item_mean", data), subject.case, data)
     (expected,) = baseline_rows(data, [subject])["item_mean"]
-    assert {k: expected[k] for k in result.metrics} == result.metrics
+    assert expected.metrics == result.metrics
 
 
 def test_pas_profile_saved_loaded_and_applied(model, data, tmp_path, monkeypatch):
@@ -109,9 +111,9 @@ def test_pas_profile_saved_loaded_and_applied(model, data, tmp_path, monkeypatch
     assert not np.allclose(before, inside, atol=1e-7) and np.array_equal(before, after)
 
     result = api.evaluate(pas, subject, data, artifact=artifact)  # answers only
-    assert result.artifact is artifact and result.row["align_info"]["alpha"] == profile.alpha
+    assert result.artifact is artifact and result.row.align_info["alpha"] == profile.alpha
     assert set(result.answers["value"]) == {profile.alpha} and len(result.answers) == 180
-    assert result.metrics["unk_rate"] == 0 and np.isfinite(result.score)
+    assert result.metrics.unk_rate == 0 and np.isfinite(result.score)
     pas.teardown()
 
 

@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR
 from palign.data import select_subjects
 from palign.eval.answers import COLUMNS, PROB_COLUMNS, read_table
+from palign.eval.records import RunProtocol
 from palign.eval.scoring import parse_answer
+from palign.rundir import RunDir
 from palign.runs.runner import run
 from test_bad_inputs import invoke
 
@@ -43,7 +45,8 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory, papi):
     summary = run(cfg)
     out = Path(cfg.paths.output_dir)
     rows, saved = _read(out)
-    assert saved == json.loads(json.dumps(summary))
+    assert saved == json.loads(json.dumps(summary.to_json()))
+    assert RunDir(out).read_summary() == summary  # read back as written
     assert [r["case"] for r in rows] == saved["cases"] and len(rows) == 2
     for row in rows:
         assert set(row["mae"]) == set("ACENO") and row["method"] == "few_shot"
@@ -100,7 +103,7 @@ def test_few_shot_end_to_end_on_tiny_llama(cfg_factory, papi):
         [r["score"] for r in rows]
     )
     assert [int(float(r["few_shot/case"])) for r in per_subject] == [r["case"] for r in rows]
-    assert float(logged[-1]["summary/few_shot/score"]) == pytest.approx(summary["score"])
+    assert float(logged[-1]["summary/few_shot/score"]) == pytest.approx(summary.score)
 
 
 def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
@@ -114,8 +117,8 @@ def test_paper_protocol_generates_and_counts_unparsed(cfg_factory):
     )
     summary = run(cfg)
     rows, _ = _read(Path(cfg.paths.output_dir))
-    assert summary["protocol"] == {"name": "paper", "coding": "as_stored", "scoring": "generate"}
-    assert not any("personality_prompt" in n for n in summary["notes"])  # as published
+    assert summary.protocol == RunProtocol(name="paper", coding="as_stored", scoring="generate")
+    assert not any("personality_prompt" in n for n in summary.notes)  # as published
     # A random model rarely emits an option letter: unparsed answers are counted, not dropped.
     assert rows[0]["answers"]["UNK"] == round(rows[0]["unk_rate"] * 180)
     assert sum(rows[0]["answers"].values()) == 180
@@ -137,13 +140,13 @@ def test_personality_prompt_on_sampled_subjects(cfg_factory, papi):
         "model=tiny_llama", "method=personality_prompt", "dataset.sample=2", "dataset.seed=3"
     )
     summary = run(cfg)
-    assert summary["cases"] == [s.case for s in select_subjects(papi.subjects, sample=2, seed=3)]
+    assert summary.cases == [s.case for s in select_subjects(papi.subjects, sample=2, seed=3)]
     out = Path(cfg.paths.output_dir) / "artifacts" / "personality_prompt"
-    out = out / str(summary["cases"][0]) / "system_prompt.txt"
+    out = out / str(summary.cases[0]) / "system_prompt.txt"
     by_case = {s.case: s for s in papi.subjects}
-    assert out.read_text() == by_case[summary["cases"][0]].persona
+    assert out.read_text() == by_case[summary.cases[0]].persona
     # protocol=clean decodes the reverse-keyed answers the descriptions were written from as raw
-    (note,) = [n for n in summary["notes"] if "personality_prompt" in n]
+    (note,) = [n for n in summary.notes if "personality_prompt" in n]
     assert "MIS-KEYED DESCRIPTIONS" in note and "55 reverse-keyed of the 120" in note
     report = (Path(cfg.paths.output_dir) / "report.md").read_text()
     assert "MIS-KEYED DESCRIPTIONS" in report
@@ -152,11 +155,11 @@ def test_personality_prompt_on_sampled_subjects(cfg_factory, papi):
 def test_runs_are_reproducible(cfg_factory):
     first = run(cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", out="a"))
     second = run(cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", out="b"))
-    assert first["mae"] == second["mae"]
+    assert first.main.mae == second.main.mae
     other_seed = run(
         cfg_factory("model=tiny_llama", "method=few_shot", "dataset.limit=1", "seed=1", out="c")
     )
-    assert other_seed["mae"] != first["mae"]  # the seed initialises the random model
+    assert other_seed.main.mae != first.main.mae  # the seed initialises the random model
 
 
 def test_cli_statistical_method(tmp_path, monkeypatch, capsys):
@@ -199,10 +202,10 @@ def test_pas_end_to_end_on_tiny_llama(cfg_factory, protocol, tmp_path, monkeypat
         assert sidecar["ranking"] == {"clean": "val", "paper": "mean_train_val"}[protocol]
     report = (out / "report.md").read_text()
     assert "| pas | 2 |" in report and "| no_change | 2 |" in report
-    assert summary["compare"]["no_change"]["n_subjects"] == 2
+    assert summary.compare["no_change"].n_subjects == 2
     assert len((out / "compare" / "no_change.jsonl").read_text().splitlines()) == 2
     assert ("ON THE TEST ITEMS" in report) == (protocol == "paper")
-    assert summary["timing"]["probes_s_per_subject"] > 0
+    assert summary.main.timing["probes_s_per_subject"] > 0
 
 
 def test_a_compared_llm_method_loads_the_model_for_a_baseline_run(cfg_factory):
@@ -211,5 +214,5 @@ def test_a_compared_llm_method_loads_the_model_for_a_baseline_run(cfg_factory):
         "model=tiny_llama", "method=item_mean", "compare=[no_change]", "dataset.limit=1"
     )
     summary = run(cfg)
-    assert summary["model"] == "tiny_llama" and summary["compare"]["no_change"]["n_subjects"] == 1
-    assert np.isfinite(summary["compare"]["no_change"]["score"])
+    assert summary.model == "tiny_llama" and summary.compare["no_change"].n_subjects == 1
+    assert np.isfinite(summary.compare["no_change"].score)

@@ -76,18 +76,18 @@ def test_summary_reports_cost_per_subject_and_setup(cfg_factory, monkeypatch, tm
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     # The two subjects were one group: equal shares of its counted work.
     assert rows[0]["cost"] == rows[1]["cost"] and rows[0]["subject_batch"] == 2
-    per = summary["cost"]["per_subject"]
+    per = summary.main.cost["per_subject"]
     assert per["total"]["forward_calls"] == pytest.approx(
         per["align"]["forward_calls"] + per["answer"]["forward_calls"]
     )
     assert per["align"]["tokens_forwarded"] > per["answer"]["tokens_forwarded"] > 0
     # PAS's set-up forwards the 240 contrastive prompts once (one prefix, 15 batches of 16).
-    assert summary["cost"]["setup"]["forward_calls"] == 1 + 15
-    assert summary["compare"]["no_change"]["cost"]["setup"]["forward_calls"] == 0
-    assert summary["compare"]["no_change"]["cost"]["per_subject"]["align"]["forward_calls"] == 0
+    assert summary.main.cost["setup"]["forward_calls"] == 1 + 15
+    assert summary.compare["no_change"].cost["setup"]["forward_calls"] == 0
+    assert summary.compare["no_change"].cost["per_subject"]["align"]["forward_calls"] == 0
     # no_change: the neutral prefix is forwarded once for both subjects (its KV cache is kept
     # while the prompts' prefix and the model stay the same), then 12 batches of 16 per subject.
-    assert summary["compare"]["no_change"]["cost"]["per_subject"]["answer"]["forward_calls"] == (
+    assert summary.compare["no_change"].cost["per_subject"]["answer"]["forward_calls"] == (
         (1 + 2 * math.ceil(180 / 16)) / 2
     )
     assert "Model work per subject, counted" in (out / "report.md").read_text()

@@ -147,7 +147,7 @@ def test_dpo_end_to_end(cfg_factory):
     assert (
         out / "artifacts" / row["method"] / str(row["case"]) / "adapter_model.safetensors"
     ).stat().st_size > 0
-    assert summary["timing"]["train_s_per_subject"] > 0
+    assert summary.main.timing["train_s_per_subject"] > 0
     # The adapter is in PEFT's format: PeftModel.from_pretrained loads it onto a fresh base model
     # and answers as palign's own loader does; the trained adapter moved the model.
     folder = out / "artifacts" / row["method"] / str(row["case"])

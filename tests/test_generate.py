@@ -67,7 +67,7 @@ def test_adapter_of_a_dpo_run_changes_the_reply(cfg_factory):
         "model=tiny_llama", "method=dpo_cpu", "method.steps=4", "method.lr=0.05", "dataset.limit=1"
     )
     summary = run(cfg)
-    folder = Path(cfg.paths.output_dir) / "artifacts" / "dpo_cpu" / str(summary["cases"][0])
+    folder = Path(cfg.paths.output_dir) / "artifacts" / "dpo_cpu" / str(summary.cases[0])
     history = json.loads((folder / "train_history.json").read_text())
     assert len(history) == 4 * 2 and {"loss", "margin", "reward_acc"} <= set(history[0])
     loaded = load_random("tiny_llama", TINY_LLAMA, seed=0)

@@ -8,16 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
+from conftest import result_row
 from palign.config import build_method
 from palign.config.build import check_objective
 from palign.data.papi import select_subjects
 from palign.errors import ConfigError, RunDirError
+from palign.eval.records import Summary
 from palign.rundir import RunDir
 from palign.runs.merge import merge
 from palign.runs.runner import run
@@ -44,15 +47,16 @@ def palign_here(monkeypatch, capsys, *args: str) -> str:
     return out + err
 
 
-def _scores(summary: dict) -> dict:
+def _scores(summary: Summary) -> dict:
     """What must not depend on how a run was executed (not timings), flat: subject count,
     per-trait MAE, Score, UNK rate, the baselines' Scores."""
+    main = summary.main
     return {
-        "n_subjects": summary["n_subjects"],
-        **{f"mae_{t}": v for t, v in summary["mae"].items()},
-        "score": summary["score"],
-        "unk_rate": summary["unk_rate"],
-        **{f"{name}_score": b["score"] for name, b in summary["baselines"].items()},
+        "n_subjects": main.n_subjects,
+        **{f"mae_{t}": v for t, v in main.mae.items()},
+        "score": main.score,
+        "unk_rate": main.unk_rate,
+        **{f"{name}_score": b.score for name, b in summary.baselines.items()},
     }
 
 
@@ -110,9 +114,9 @@ def test_offline_wandb_run_is_read_back_from_its_run_dir(cfg_factory, monkeypatc
     logged = read_wandb_run(out)
     assert logged["run"]["group"] == "eval" and logged["run"]["project"] == "palign"
     assert {"few_shot", "tiny_llama", "clean"} <= set(logged["run"]["tags"])
-    assert logged["summary"]["summary/few_shot/score"] == pytest.approx(summary["score"])
+    assert logged["summary"]["summary/few_shot/score"] == pytest.approx(summary.score)
     assert logged["summary"]["summary/item_mean/score"] == pytest.approx(
-        summary["baselines"]["item_mean"]["score"]
+        summary.baselines["item_mean"].score
     )
     per_subject = [h["few_shot/score"] for h in logged["history"] if "few_shot/score" in h]
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
@@ -129,14 +133,7 @@ def test_wandb_run_is_finished_as_failed_after_an_error(cfg_factory, monkeypatch
     cfg = cfg_factory(*TINY, "logger=wandb", "logger.name=failing")
     Path(cfg.paths.output_dir).mkdir(parents=True)
     tracker = RunTracker.from_config(cfg, "few_shot", RunDir(cfg.paths.output_dir))
-    row = {
-        "method": "few_shot",
-        "case": 1,
-        "mae": dict.fromkeys("ACENO", 1.0),
-        "score": 5.0,
-        "unk_rate": 0.0,
-        "timing": {"align_s": 0.0, "eval_s": 1.0},
-    }
+    row = result_row(1, "few_shot")
     tracker.subject(row, history=[{"loss": 0.7}, {"loss": 0.5}])
     tracker.close(ok=False)
     logged = read_wandb_run(Path(cfg.paths.output_dir))
@@ -155,7 +152,7 @@ def test_tensorboard_logger_records_per_subject_scores(cfg_factory):
     scores = [e.value for e in events.Scalars("no_change/score")]
     rows = [json.loads(x) for x in (Path(cfg.paths.output_dir) / "results.jsonl").open()]
     assert scores == pytest.approx([r["score"] for r in rows], abs=1e-6)
-    assert events.Scalars("summary/no_change/score")[0].value == pytest.approx(summary["score"])
+    assert events.Scalars("summary/no_change/score")[0].value == pytest.approx(summary.score)
 
 
 def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path, monkeypatch, capsys):
@@ -182,12 +179,12 @@ def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path, monkeypat
     resumed = palign_here(monkeypatch, capsys, *args, f"resume={out}")
     assert f"{len(before)} finished subject(s) found" in resumed
     assert {p.name: p.read_text() for p in rows_dir.glob("*.json") if p.name in before} == before
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     assert not (out / RunDir.LOCK).exists()
     assert [p.name for p in (out / ".hydra").iterdir() if p.is_dir()][0].startswith("resume_")
 
     fresh = run(cfg_factory(*TINY, "method=few_shot", "dataset.limit=4"))
-    assert summary["cases"] == fresh["cases"]
+    assert summary.cases == fresh.cases
     assert _scores(summary) == pytest.approx(_scores(fresh))
 
 
@@ -232,7 +229,7 @@ def test_shards_through_submitit_merge_to_the_unsharded_summary(
         merge(shards[:1], tmp_path / "partial")
     merged = merge(shards, tmp_path / "merged")
     whole = run(cfg_factory(*TINY, "method=no_change", "dataset.limit=3"))
-    assert merged["cases"] == whole["cases"]
+    assert merged.cases == whole.cases
     assert _scores(merged) == pytest.approx(_scores(whole))
     assert (tmp_path / "merged" / "report.md").is_file()
 
@@ -266,10 +263,9 @@ def test_objective_refuses_test_scores_and_test_item_selection(cfg_factory):
     with pytest.raises(ConfigError, match="leak the test items"):
         check_objective(cfg, build_method(cfg.method))
     cfg = cfg_factory(*TINY, "method=pas", "protocol=paper", "optimized_metric=selection_score")
-    paper = {"selection_score": None, "method": "pas", "protocol": {"name": "paper"}}
     with pytest.raises(ConfigError, match="needs protocol=clean"):
         check_objective(cfg, build_method(cfg.method))
-    assert objective(OmegaConf.create({"optimized_metric": None}), paper) is None
+    assert objective(OmegaConf.create({"optimized_metric": None}), None) is None
 
 
 def test_several_loggers_at_once_and_saved_profiles_as_wandb_artifacts(cfg_factory, monkeypatch):
@@ -289,8 +285,8 @@ def test_several_loggers_at_once_and_saved_profiles_as_wandb_artifacts(cfg_facto
     wandb_run = read_wandb_run(out)
     logged_wandb = [h["pas/score"] for h in wandb_run["history"] if "pas/score" in h]
     assert logged_csv == logged_wandb == pytest.approx(logged_tb, abs=1e-6)
-    assert logged_csv == pytest.approx([summary["score"]])
-    case = summary["cases"][0]
+    assert logged_csv == pytest.approx([summary.score])
+    case = summary.cases[0]
     (profiles,) = [
         files for name, files in wandb_run["artifacts"].items() if name.startswith("pas-")
     ]
@@ -304,20 +300,20 @@ def test_wandb_plots_subjects_and_training_steps_on_their_own_axes(cfg_factory, 
         *TINY, "method=dpo_smoke", "compare=[no_change]", "dataset.limit=2", "logger=many"
     )
     summary = run(cfg)
-    dpo = summary["method"]
+    dpo = summary.method
     out = Path(cfg.paths.output_dir)
     logged = read_wandb_run(out)
     axes, history = logged["metrics"], logged["history"]
     # Each method's subject metrics are plotted against its own subject counter, its training
     # curves against its own optimiser-step counter; the counters themselves on the default axis.
-    for method in (dpo, *summary["compare"]):
+    for method in (dpo, *summary.compare):
         subject_keys = [f"{method}/{k}" for k in ("score", "case", "unk_rate", "align_s")]
         for key in subject_keys + [f"{method}/mae_{t}" for t in "ACENO"]:
             assert axes[key] == f"{method}/subject", key
         assert axes[f"{method}/subject"] == ""
         scored = [h for h in history if f"{method}/score" in h]
         assert [h[f"{method}/subject"] for h in scored] == [1, 2]
-        assert [h[f"{method}/case"] for h in scored] == summary["cases"]
+        assert [h[f"{method}/case"] for h in scored] == summary.cases
     train_step = f"{dpo}/train/step"
     curve_keys = {k for h in history for k in h if k.startswith(f"{dpo}/train/")} - {train_step}
     assert {f"{dpo}/train/loss", f"{dpo}/train/margin"} <= curve_keys
@@ -328,7 +324,7 @@ def test_wandb_plots_subjects_and_training_steps_on_their_own_axes(cfg_factory, 
     # each subject's saved training history in order.
     curves = [
         json.loads((RunDir(out).artifacts(dpo) / str(c) / "train_history.json").read_text())
-        for c in summary["cases"]
+        for c in summary.cases
     ]
     trained = [h for h in history if f"{dpo}/train/loss" in h]
     assert [h[train_step] for h in trained] == [1, 2, 3, 4]
@@ -349,22 +345,15 @@ def test_a_resumed_tracker_continues_the_counters_of_its_csv_log(cfg_factory):
     cfg = cfg_factory(*TINY, "logger=csv")
     run_dir = RunDir(cfg.paths.output_dir)
     run_dir.path.mkdir(parents=True)
-    row = {
-        "method": "dpo",
-        "case": 1,
-        "mae": dict.fromkeys("ACENO", 1.0),
-        "score": 5.0,
-        "unk_rate": 0.0,
-        "timing": {"align_s": 0.0, "eval_s": 1.0},
-    }
+    row = result_row(1, "dpo")
     first = RunTracker.from_config(cfg, "dpo", run_dir)
     first.subject(row, history=[{"loss": 0.7}, {"loss": 0.5}])
-    first.subject({**row, "method": "few_shot"})
+    first.subject(replace(row, method="few_shot"))
     first.close(ok=False)
     resumed = RunTracker.from_config(cfg, "dpo", run_dir)
     assert resumed.step == 4
     assert resumed.counters == {"dpo/subject": 1, "dpo/train/step": 2, "few_shot/subject": 1}
-    resumed.subject({**row, "case": 2}, history=[{"loss": 0.3}])
+    resumed.subject(replace(row, case=2), history=[{"loss": 0.3}])
     resumed.close(ok=True)
     with open(run_dir.path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

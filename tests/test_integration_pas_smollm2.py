@@ -21,4 +21,4 @@ def test_pas_on_smollm2_one_subject(cfg_factory):
     profile = PASProfile.load(out / "artifacts" / "pas" / str(row["case"]) / "profile.json")
     assert profile.shape == (30, 9, 64) and len(profile.layer) == 24
     assert profile.val_acc.min() > 0.5  # the kept heads separate the subject's answers
-    assert summary["baselines"]["item_mean"]["n_subjects"] == 1
+    assert summary.baselines["item_mean"].n_subjects == 1

@@ -312,13 +312,13 @@ def test_paper_selection_uses_test_items_and_says_so(papi, pas_factory):
 
     ((row, artifact, table),) = evaluate_group(method, [subject], papi.inventory)
     scores = artifact.meta["alpha_scores_on_test_items"]
-    assert set(scores) == {"0.0", "2.0"} and row["selected_on_test_items"] == "alpha"
+    assert set(scores) == {"0.0", "2.0"} and row.selected_on_test_items == "alpha"
     best = min(scores, key=lambda a: (not np.isfinite(scores[a]), scores[a]))
-    assert artifact.profile.alpha == row["align_info"]["alpha"] == float(best)
-    assert row["align_info"]["alpha_selected_on"] == "test_items"
+    assert artifact.profile.alpha == row.align_info["alpha"] == float(best)
+    assert row.align_info["alpha_selected_on"] == "test_items"
     assert len(table) == 360 and table["selected"].sum() == 180
     assert set(table.loc[table["selected"], "value"]) == {float(best)}
-    assert row["score"] == pytest.approx(scores[best], abs=0)
+    assert row.score == pytest.approx(scores[best], abs=0)
 
 
 #: protocol=paper as conf/protocol/paper.yaml sets PAS and the scorer.

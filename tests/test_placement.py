@@ -79,7 +79,7 @@ def _runs(cfg_factory, hardware: str):
 def test_a_whole_run_never_moves_the_model(monkeypatch, cfg_factory, hardware, method):
     spy = MoveSpy(monkeypatch)
     summary = run(_runs(cfg_factory, hardware)[method])
-    assert summary["n_subjects"] == 2
+    assert summary.main.n_subjects == 2
     assert spy.model is not None
     assert spy.moves == []  # no .to()/.cpu()/dtype cast on any module holding a weight
     # Every weight is the same tensor, on the same device, in the same dtype (LoRA layers are

@@ -114,12 +114,11 @@ def test_ppo_end_to_end(cfg_factory):
     assert (
         out / "artifacts" / row["method"] / str(row["case"]) / "adapter_model.safetensors"
     ).is_file()
-    assert summary["n_subjects"] == 1
+    assert summary.main.n_subjects == 1
     # Adapter methods side by side: each removes its LoRA layers when done (dpo_cpu from its
     # own config file plus the dpo defaults it extends; named after its config).
     assert (
-        summary["compare"]["dpo_cpu"]["n_subjects"] == 1
-        and summary["compare"]["no_change"]["n_subjects"] == 1
+        summary.compare["dpo_cpu"].n_subjects == 1 and summary.compare["no_change"].n_subjects == 1
     )
     dpo_row = json.loads((out / "compare" / "dpo_cpu.jsonl").read_text())
     assert dpo_row["align_info"]["steps"] == 20

@@ -22,6 +22,7 @@ import palign.models.loading as loading  # noqa: E402
 from conftest import TINY_LLAMA  # noqa: E402
 from palign.config import build  # noqa: E402
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT  # noqa: E402
+from palign.eval.records import Summary  # noqa: E402
 from palign.eval.scoring import Scorer, ScoringConfig  # noqa: E402
 from palign.methods.lora import LoraMethod  # noqa: E402
 from palign.models.memory import estimate_memory  # noqa: E402
@@ -214,10 +215,10 @@ class LoraSpy:
         monkeypatch.setattr(loading, "finish_loading", finish_loading)
 
 
-def _check_summary(summary: dict) -> None:
-    assert summary["model"] == "llama3_70b_4bit" and summary["n_subjects"] == 1
-    assert math.isfinite(summary["score"])
-    assert all(math.isfinite(v) for v in summary["mae"].values())
+def _check_summary(summary: Summary) -> None:
+    assert summary.model == "llama3_70b_4bit" and summary.main.n_subjects == 1
+    assert math.isfinite(summary.score)
+    assert all(math.isfinite(v) for v in summary.main.mae.values())
 
 
 @pytest.mark.parametrize("method", ["dpo_smoke", "ppo_smoke"])
@@ -232,7 +233,7 @@ def test_qlora_runs_train_adapters_on_4bit_layers(monkeypatch, cfg_factory, tiny
     assert len(spy.base_types) == 4 * TINY_LLAMA["num_hidden_layers"]
     assert set(spy.base_types.values()) == {bnb.nn.Linear4bit}
     # Trained: B starts at 0 and is non-zero after the steps, in every layer.
-    artifacts = Path(cfg.paths.output_dir) / "artifacts" / summary["method"]
+    artifacts = Path(cfg.paths.output_dir) / "artifacts" / summary.method
     adapters = list(artifacts.glob("*/adapter_model.safetensors"))
     assert len(adapters) == 1
     state = load_file(str(adapters[0]))
@@ -270,7 +271,7 @@ def test_pas_runs_on_the_4bit_model(monkeypatch, cfg_factory, tiny_folder):
     )
     summary = run(cfg)
     _check_summary(summary)
-    assert math.isfinite(summary["selection_score"])
+    assert math.isfinite(summary.selection_score)
     assert hooked and {t for t, _ in hooked} == {bnb.nn.Linear4bit}
     assert max(n for _, n in hooked) >= 1  # at least one layer's o_proj shifted
     rows = (Path(cfg.paths.output_dir) / "results.jsonl").read_text().splitlines()

@@ -4,6 +4,7 @@ switch."""
 
 import csv
 import json
+import math
 import os
 import socket
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
+from conftest import ROW_MAE, result_row
 from palign.errors import RunDirError
-from palign.rundir import SCHEMA_VERSION, RunDir, write_atomic
+from palign.eval.records import SCHEMA_VERSION, RunProtocol, Summary, aggregate
+from palign.rundir import RunDir, write_atomic
 from palign.runs.runner import run
 from test_bad_inputs import invoke
 
@@ -76,47 +79,100 @@ def test_links_are_relative_and_survive_a_move(tmp_path):
     assert (moved / "merged" / "artifacts" / "pas" / "7" / "profile.json").read_text() == "{}"
 
 
+def _summary_json(**changes) -> dict:
+    base = Summary(
+        method="pas",
+        model="tiny_llama",
+        protocol=RunProtocol(name="clean", coding="keyed", scoring="logit"),
+        n_test_items=180,
+        main=aggregate([result_row(7), result_row(8)]),
+        cases=[7, 8],
+        baselines={"constant": aggregate([result_row(7), result_row(8)]).untimed()},
+    ).to_json()
+    base.update({k: v for k, v in changes.items() if k != "drop"})
+    base.pop(changes.get("drop", ""), None)
+    return base
+
+
 @pytest.mark.parametrize(
-    "summary, message",
+    "changes, message",
     [
         ({"schema": SCHEMA_VERSION + 1}, "schema 2 is not one this palign reads"),
         ({"schema": "1"}, "schema '1' is not one"),
-        ({"cases": None, "drop": "mae"}, "not a palign summary (no mae)"),
+        ({"drop": "mae"}, "not a palign summary (no mae)"),
+        ({"protocol": {"name": "clean"}}, "not a palign summary's protocol (no coding, scoring)"),
     ],
 )
-def test_summary_schema_is_checked(tmp_path, summary, message):
-    base = {
-        "schema": SCHEMA_VERSION,
-        "method": "m",
-        "model": "x",
-        "protocol": {},
-        "n_test_items": 180,
-        "cases": [1],
-        "n_subjects": 1,
-        "mae": {},
-        "score": 0.0,
-        "unk_rate": 0.0,
-        "compare": {},
-        "baselines": {},
-    }
-    base.update({k: v for k, v in summary.items() if k != "drop"})
-    base.pop(summary.get("drop", ""), None)
-    (tmp_path / "summary.json").write_text(json.dumps(base))
+def test_summary_schema_is_checked(tmp_path, changes, message):
+    (tmp_path / "summary.json").write_text(json.dumps(_summary_json(**changes)))
     with pytest.raises(RunDirError, match=message.replace("(", r"\(").replace(")", r"\)")):
         RunDir(tmp_path).read_summary()
 
 
+def test_summaries_read_back_as_written_and_older_ones_read(tmp_path):
+    run_dir = RunDir(tmp_path)
+    summary = Summary.from_json(_summary_json())
+    summary.main = summary.main.with_setup_cost({"forward_calls": 16})
+    run_dir.write_summary(summary)
+    assert run_dir.read_summary() == summary
+    written = json.loads(run_dir.summary.read_text())
+    assert written["score"] == summary.score == 3.0 and written["schema"] == SCHEMA_VERSION
+    assert written["cost"] == {"setup": {"forward_calls": 16}}
+    assert written["timing"] == {"align_s_per_subject": 1.5, "eval_s_per_subject": 0.5}
+    assert "timing" not in written["baselines"]["constant"]  # no model: untimed
+    # Before versioning (schema 0): no schema, notes, versions, selection score or shard.
+    old = _summary_json()
+    for key in ("schema", "notes", "versions", "selection_score", "shard"):
+        old.pop(key)
+    run_dir.summary.write_text(json.dumps(old))
+    read = run_dir.read_summary()
+    assert read.schema == 0 and read.notes == [] and read.selection_score is None
+    assert read.main == aggregate([result_row(7), result_row(8)]) and list(read.methods()) == [
+        "pas"
+    ]
+
+
 def test_result_rows_carry_the_schema_and_a_newer_one_is_refused(tmp_path):
     run_dir = RunDir(tmp_path)
-    run_dir.write_row("pas", {"case": 7, "score": 2.5})
+    row = result_row(7, align_info={"alpha": 2.0})
+    run_dir.write_row(row)
     written = json.loads((run_dir.results("pas") / "7.json").read_text())
-    assert written == {"case": 7, "score": 2.5, "schema": SCHEMA_VERSION}
-    write_atomic(run_dir.results("pas") / "8.json", json.dumps({"case": 8}))  # before versioning
-    assert sorted(run_dir.finished_rows("pas")) == [7, 8]
+    assert written["schema"] == SCHEMA_VERSION and written["align_info"] == {"alpha": 2.0}
+    assert "cost" not in written and "selected_on_test_items" not in written  # none recorded
+    older = {k: v for k, v in row.to_json().items() if k not in ("schema", "align_info")}
+    write_atomic(run_dir.results("pas") / "8.json", json.dumps({**older, "case": 8}))
+    done = run_dir.finished_rows("pas")
+    assert done[7] == row and done[8].schema == 0 and done[8].align_info == {}
+    assert done[8].metrics == row.metrics
+    run_dir.write_rows("pas", "pas", [done[7], done[8]])
+    assert run_dir.read_rows("pas", "pas") == [done[7], done[8]]
     newer = run_dir.results("pas") / "9.json"
-    write_atomic(newer, json.dumps({"case": 9, "schema": SCHEMA_VERSION + 1}))
+    write_atomic(newer, json.dumps({**older, "case": 9, "schema": SCHEMA_VERSION + 1}))
     with pytest.raises(RunDirError, match=f"{newer}: schema {SCHEMA_VERSION + 1} is not one"):
         run_dir.finished_rows("pas")
+    write_atomic(newer, json.dumps({"case": 9}))
+    with pytest.raises(RunDirError, match=r"9.json: not a palign result row \(no method, mae"):
+        run_dir.finished_rows("pas")
+
+
+def test_aggregates_average_rows_and_their_costs():
+    rows = [
+        result_row(1, cost={"align": {"forward_calls": 2.0}, "answer": {"forward_calls": 12.0}}),
+        result_row(2, cost={"align": {"forward_calls": 4.0}, "answer": {"forward_calls": 12.0}}),
+    ]
+    rows[1].mae = {**ROW_MAE, "A": float("nan")}  # a trait without a parsed answer: left out
+    rows[1].unk_rate = 0.5
+    result = aggregate(rows)
+    assert result.n_subjects == 2 and result.mae == ROW_MAE and result.score == pytest.approx(3.0)
+    assert result.unk_rate == 0.25
+    assert result.cost == {
+        "per_subject": {
+            "align": {"forward_calls": 3.0},
+            "answer": {"forward_calls": 12.0},
+            "total": {"forward_calls": 15.0},
+        }
+    }
+    assert aggregate([]).n_subjects == 0 and math.isnan(aggregate([]).unk_rate)
 
 
 def test_resume_appends_to_the_csv_log(cfg_factory):

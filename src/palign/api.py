@@ -7,7 +7,7 @@ result, without Hydra's app or a run dir.
     model = api.load_model("smollm2_135m")                  # conf/model/smollm2_135m.yaml
     pas = api.method("pas", data, api.scorer(model), top_k=8, alphas=[0, 2, 4])
     result = api.evaluate(pas, data.subjects[0], data)      # align on 120 items, answer 180
-    result.metrics["score"], result.answers                 # Score, every answer (a DataFrame)
+    result.score, result.answers                            # Score, every answer (a DataFrame)
     api.save(result.artifact, "profiles/case0")             # profile.json + profile.safetensors
     with api.applied(model, "profiles/case0"):              # the heads shifted for the block
         ...
@@ -36,7 +36,8 @@ from palign import CONF_DIR
 from palign.config import build, build_method, compose, with_settings
 from palign.data.papi import PapiData, Subject, load_papi, select_subjects
 from palign.errors import ArtifactError, ConfigError
-from palign.eval.answers import table_metrics
+from palign.eval.metrics import SubjectMetrics
+from palign.eval.records import ResultRow
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import Artifact, Method, MethodContext
 from palign.models.loading import LoadedModel
@@ -182,26 +183,29 @@ def method(
 class Evaluation:
     """One subject's evaluation.
 
-    ``metrics``: :class:`~palign.eval.metrics.SubjectMetrics` as a dict: ``mae`` (trait ->
-    mean absolute error on the raw 1..5 scale over the test items of the trait), ``score``
-    (their sum; lower is better), ``unk_rate`` (fraction of the 180 test items unanswered),
-    ``answers`` (option histogram with ``UNK``), ``n_scored``, ``model_means`` and
-    ``subject_means`` (keyed trait means, 1..5). ``answers``: every answer, one row per test
-    item (and per candidate where the evaluation chose a hyper-parameter), columns of
-    :mod:`palign.eval.answers`. ``artifact``: what aligning produced (PAS: ``.profile``).
-    ``row``: the result row as the runner writes it to ``results.jsonl`` (metrics, ``timing``
-    in seconds, ``align_info``, ``cost`` in forwards and tokens; answering with a given
-    artifact: the metrics, ``timing.eval_s`` and ``align_info`` only)."""
+    ``row``: the :class:`~palign.eval.records.ResultRow` the runner writes to
+    ``results.jsonl``: the metrics (``mae``: trait -> mean absolute error on the raw 1..5 scale
+    over the test items of the trait; ``score``: their sum, lower is better; ``unk_rate``:
+    fraction of the 180 test items unanswered; ``answers``: option histogram with ``UNK``;
+    ``n_scored``; ``model_means`` and ``subject_means``: keyed trait means, 1..5), ``timing``
+    in seconds, ``align_info``, ``cost`` in forwards and tokens (answering with a given
+    artifact: nothing is aligned, ``timing.align_s`` is about 0). ``answers``: every answer, one row per test item (and
+    per candidate where the evaluation chose a hyper-parameter), columns of
+    :mod:`palign.eval.answers`. ``artifact``: what aligning produced (PAS: ``.profile``)."""
 
-    metrics: dict[str, Any]
+    row: ResultRow
     answers: pd.DataFrame
     artifact: Artifact
-    row: dict[str, Any]
+
+    @property
+    def metrics(self) -> SubjectMetrics:
+        """The subject's metrics on the test items."""
+        return self.row.metrics
 
     @property
     def score(self) -> float:
         """The Score: sum over the five traits of the mean absolute error (raw scale)."""
-        return self.metrics["score"]
+        return self.row.score
 
 
 def _subject(subject: Subject | int, data: PapiData) -> Subject:
@@ -229,7 +233,7 @@ def evaluate(
     ``python -m palign`` on the same subject and config. With ``artifact`` (e.g. from
     :func:`align`), aligning is skipped and it answers with that one. Where the method leaves a
     hyper-parameter to the evaluation (protocol=paper: PAS's alpha), it is chosen on the test
-    items, recorded in the artifact and labelled in ``row["selected_on_test_items"]``."""
+    items, recorded in the artifact and labelled in ``row.selected_on_test_items``."""
     from palign.runs.runner import evaluate_group
 
     subject = _subject(subject, data)
@@ -237,7 +241,7 @@ def evaluate(
     meter = context.scorer.loaded.meter if context is not None and context.scorer else None
     given = None if artifact is None else [artifact]
     row, artifact, table = evaluate_group(method, [subject], data.inventory, meter, given)[0]
-    return Evaluation(table_metrics(table).to_dict(), table, artifact, row)
+    return Evaluation(row, table, artifact)
 
 
 # --- artifacts ---------------------------------------------------------------------------------

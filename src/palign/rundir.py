@@ -8,12 +8,14 @@ One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
     answers/<method>/<case>.csv      every answer (palign.eval.answers)
     artifacts/<method>/<case>/       what aligning produced
     results.jsonl, compare/<method>.jsonl    the rows in subject order
-    summary.json                     the aggregate (schema :data:`SCHEMA_VERSION`, as each row)
+    summary.json                     the aggregate (palign.eval.records, as each row)
     report.md, report.html, plots/   for readers (report.html: one self-contained page)
     csv/, tensorboard/, wandb/       the logger's files
 
-Every module that reads or writes a run dir goes through :class:`RunDir`. Files are written
-atomically (readers see the old file or the whole new one); nothing here deletes a file.
+Every module that reads or writes a run dir goes through :class:`RunDir`: the rows and the
+summary are read and written as the typed records of :mod:`palign.eval.records`, whose schema
+version each file carries. Files are written atomically (readers see the old file or the whole
+new one); nothing here deletes a file.
 """
 
 from __future__ import annotations
@@ -22,34 +24,19 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from palign.errors import RunDirError
+from palign.eval.records import ResultRow, Summary
 
-#: Version of the layout of ``summary.json`` and of each per-subject result row (their ``schema``
-#: key); readers refuse a newer one. Files without the key (palign 0.1.0 before versioning) have
-#: the same layout and read as version 0.
-SCHEMA_VERSION = 1
-#: Keys every ``summary.json`` has.
-SUMMARY_KEYS = (
-    "method",
-    "model",
-    "protocol",
-    "n_test_items",
-    "cases",
-    "n_subjects",
-    "mae",
-    "score",
-    "unk_rate",
-    "compare",
-    "baselines",
-)
+R = TypeVar("R")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -236,23 +223,16 @@ class RunDir:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def read_summary(self) -> dict:
+    def read_summary(self) -> Summary:
         """``summary.json``, checked: a :class:`RunDirError` names the file when it is missing,
         not JSON, lacks keys or has a newer schema."""
         path = self.summary
         if not path.is_file():
             raise RunDirError(f"{path}: missing (is {self.path} a finished palign run dir?)")
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RunDirError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(summary, dict):
-            raise RunDirError(f"{path}: not a palign summary (a JSON object is expected)")
-        missing = [k for k in SUMMARY_KEYS if k not in summary]
-        if missing:
-            raise RunDirError(f"{path}: not a palign summary (no {', '.join(missing)})")
-        _check_schema(path, summary.setdefault("schema", 0))
-        return summary
+        return _read(path, Summary.from_json)
+
+    def write_summary(self, summary: Summary) -> None:
+        write_atomic(self.summary, json.dumps(summary.to_json(), indent=2))
 
     def read_config(self) -> DictConfig:
         """``config.yaml``; a :class:`RunDirError` names it when it is missing or unreadable."""
@@ -265,44 +245,32 @@ class RunDir:
                 f"{self.config}: not a readable config ({type(e).__name__})"
             ) from None
 
-    def read_rows(self, method: str, main: str) -> list[dict]:
+    def read_rows(self, method: str, main: str) -> list[ResultRow]:
         """The rows of ``method`` in subject order (``results.jsonl`` / ``compare/``)."""
         path = self.rows_file(method, main)
         if not path.is_file():
             raise RunDirError(f"{path}: missing (per-subject rows of {method})")
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise RunDirError(f"{path}: line {number} is not valid JSON ({e})") from None
-        return rows
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [_read(path, ResultRow.from_json, line, n) for n, line in enumerate(lines, 1)]
 
-    def finished_rows(self, method: str) -> dict[int, dict]:
+    def finished_rows(self, method: str) -> dict[int, ResultRow]:
         """The per-subject rows already written for ``method``, by case (each checked: JSON,
-        a ``case``, a schema this palign reads; rows without ``schema`` read as version 0)."""
+        the keys of a row, a schema this palign reads)."""
         folder = self.results(method)
         done = {}
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            try:
-                row = json.loads(path.read_text(encoding="utf-8"))
-                done[int(row["case"])] = row
-            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-                raise RunDirError(
-                    f"{path}: not a palign result row ({e})",
-                    "delete the file to evaluate that subject again",
-                ) from None
-            _check_schema(path, row.get("schema", 0))
+            row = _read(path, ResultRow.from_json, fix="delete it to evaluate the subject again")
+            done[row.case] = row
         return done
 
-    def write_row(self, method: str, row: dict) -> None:
-        """One subject's result row, atomically, as ``results/<method>/<case>.json``, stamped
-        with :data:`SCHEMA_VERSION` (what ``resume`` and ``merge`` read back)."""
-        row.setdefault("schema", SCHEMA_VERSION)
-        write_atomic(self.results(method) / f"{row['case']}.json", json.dumps(row))
+    def write_row(self, row: ResultRow) -> None:
+        """One subject's result row, atomically, as ``results/<method>/<case>.json`` (what
+        ``resume`` and ``merge`` read back)."""
+        write_atomic(self.results(row.method) / f"{row.case}.json", json.dumps(row.to_json()))
 
-    def write_rows(self, method: str, main: str, rows: Sequence[dict]) -> None:
-        write_atomic(self.rows_file(method, main), "".join(json.dumps(r) + "\n" for r in rows))
+    def write_rows(self, method: str, main: str, rows: Sequence[ResultRow]) -> None:
+        text = "".join(json.dumps(r.to_json()) + "\n" for r in rows)
+        write_atomic(self.rows_file(method, main), text)
 
     def link(self, target: Path, link: Path) -> None:
         """A relative symlink ``link`` -> ``target`` (the pair can be moved together)."""
@@ -311,13 +279,25 @@ class RunDir:
             link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
-def _check_schema(path: Path, schema: object) -> None:
-    """A :class:`RunDirError` naming ``path`` unless ``schema`` is a version this palign reads."""
-    if not isinstance(schema, int) or isinstance(schema, bool) or not 0 <= schema <= SCHEMA_VERSION:
-        raise RunDirError(
-            f"{path}: schema {schema!r} is not one this palign reads (0..{SCHEMA_VERSION})",
-            "a newer palign wrote it: upgrade palign",
-        )
+def _read(
+    path: Path,
+    record: Callable[[Any], R],
+    text: str | None = None,
+    line: int | None = None,
+    fix: str | None = None,
+) -> R:
+    """``record`` (a ``from_json``) of the JSON in ``text`` (the file ``path``'s content when
+    None; its ``line``-th line otherwise). A :class:`RunDirError` names the file (and line)
+    that is not JSON or not such a record, with ``fix`` as its hint."""
+    where = f"{path}: line {line}" if line is not None else str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") if text is None else text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{where}: not valid JSON ({e})", fix) from None
+    try:
+        return record(data)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RunDirError(f"{where}: {e}", fix) from None
 
 
 # --- resume ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,9 +30,6 @@ class SubjectMetrics:
     n_scored: dict[str, int]
     model_means: dict[str, float]
     subject_means: dict[str, float]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _mean(values: np.ndarray) -> float:
@@ -102,33 +99,3 @@ def best_candidate(
     scores = [subject_metrics(p, target, items).score for p in predictions]
     finite = [s if np.isfinite(s) else np.inf for s in scores]
     return int(np.argmin(finite)), scores
-
-
-def aggregate(rows: Sequence[dict]) -> dict:
-    """Mean per-trait MAE, Score (sum of those means), UNK rate and timings over subject rows."""
-    mae = mean_mae([r["mae"] for r in rows])
-    out = {
-        "n_subjects": len(rows),
-        "mae": mae,
-        "score": float(sum(mae.values())),
-        "unk_rate": float(np.mean([r["unk_rate"] for r in rows])) if rows else float("nan"),
-    }
-    if rows and "timing" in rows[0]:
-        out["timing"] = {
-            f"{key}_per_subject": float(np.mean([r["timing"][key] for r in rows]))
-            for key in rows[0]["timing"]
-        }
-    if rows and all("cost" in r for r in rows):
-        per_subject = {
-            phase: {
-                key: float(np.mean([r["cost"][phase][key] for r in rows]))
-                for key in rows[0]["cost"][phase]
-            }
-            for phase in rows[0]["cost"]
-        }
-        per_subject["total"] = {
-            key: sum(phase[key] for phase in per_subject.values())
-            for key in next(iter(per_subject.values()))
-        }
-        out["cost"] = {"per_subject": per_subject}
-    return out

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from palign.data.papi import Item, PapiData, Subject
 from palign.errors import ArtifactError, ConfigError
 from palign.eval.answers import Answers
+from palign.eval.records import ResultRow
 from palign.methods.checks import Check
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class Method(ABC):
         """Undo what :meth:`setup` changed in shared objects (e.g. adapter layers in the model)."""
         return None
 
-    def notes(self, rows: Sequence[dict]) -> list[str]:
+    def notes(self, rows: Sequence[ResultRow]) -> list[str]:
         """Lines the report prints under the table (e.g. how hyper-parameters were chosen)."""
         return []
 

@@ -35,6 +35,7 @@ from palign.data.papi import Item, Subject
 from palign.errors import PASError
 from palign.eval.metrics import best_candidate
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
+from palign.eval.records import ResultRow
 from palign.methods.base import (
     Answers,
     Artifact,
@@ -418,8 +419,8 @@ class PAS(Method):
                 start += size
         return out
 
-    def notes(self, rows: Sequence[dict]) -> list[str]:
-        alphas = [r["align_info"]["alpha"] for r in rows if "align_info" in r]
+    def notes(self, rows: Sequence[ResultRow]) -> list[str]:
+        alphas = [r.align_info["alpha"] for r in rows if "alpha" in r.align_info]
         counts = {a: alphas.count(a) for a in sorted(set(alphas))}
         chosen = ", ".join(f"{a:g}: {n}" for a, n in counts.items())
         where = (
@@ -437,7 +438,7 @@ class PAS(Method):
             f"PAS alpha chosen from {self.alphas} {where}; chosen alpha (subjects): {chosen}.",
         ]
         if rows:
-            seconds = rows[0]["timing"]["activations_s_amortised"]
+            seconds = rows[0].timing["activations_s_amortised"]
             notes.append(f"Head activations computed once in {seconds:.1f} s (0 when cached).")
         return notes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from palign.constants import TRAITS
+from palign.eval.records import Aggregate, Summary
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
@@ -12,14 +13,14 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _row(name: str, entry: dict) -> str:
-    timing = entry.get("timing", {})
+def _row(name: str, entry: Aggregate) -> str:
+    timing = entry.timing or {}
     cells = [
         name,
-        str(entry["n_subjects"]),
-        *(fmt(entry["mae"][t]) for t in TRAITS),
-        f"**{fmt(entry['score'])}**",
-        f"{100 * entry.get('unk_rate', 0.0):.1f}%",
+        str(entry.n_subjects),
+        *(fmt(entry.mae[t]) for t in TRAITS),
+        f"**{fmt(entry.score)}**",
+        f"{100 * entry.unk_rate:.1f}%",
         fmt(timing.get("align_s_per_subject", float("nan")), 2),
         fmt(timing.get("eval_s_per_subject", float("nan")), 2),
     ]
@@ -30,13 +31,12 @@ def _count(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
-def cost_table(summary: dict) -> str:
+def cost_table(summary: Summary) -> str:
     """Counted model work of each method that used the model: per subject (aligning, answering)
     and once per run (set-up, e.g. PAS's shared activations); empty without a model."""
-    entries = {summary["method"]: summary, **summary.get("compare", {})}
     lines = []
-    for name, entry in entries.items():
-        cost = entry.get("cost")
+    for name, entry in summary.methods().items():
+        cost = entry.cost
         if not cost:
             continue
         per = cost.get("per_subject", {})
@@ -71,30 +71,28 @@ def cost_table(summary: dict) -> str:
     )
 
 
-def report_markdown(summary: dict) -> str:
+def report_markdown(summary: Summary) -> str:
     """The run's table: the method beside the statistical baselines on the same subjects."""
-    protocol = summary["protocol"]
+    protocol = summary.protocol
     head = (
-        f"# palign report: {summary['method']} on {summary['model']}\n\n"
-        f"Protocol **{protocol['name']}** (coding `{protocol['coding']}`, scoring "
-        f"`{protocol['scoring']}`). Per-trait mean absolute error on the 1..5 scale over the "
-        f"{summary['n_test_items']} test items, mean over subjects; Score = sum of the five "
+        f"# palign report: {summary.method} on {summary.model}\n\n"
+        f"Protocol **{protocol.name}** (coding `{protocol.coding}`, scoring "
+        f"`{protocol.scoring}`). Per-trait mean absolute error on the 1..5 scale over the "
+        f"{summary.n_test_items} test items, mean over subjects; Score = sum of the five "
         "(lower is better). UNK = answers that could not be parsed (left out of the MAE).\n\n"
     )
     cols = ["method", "subjects", *TRAITS, "Score", "UNK", "align s/subj", "eval s/subj"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines.append(_row(summary["method"], summary))
-    for name, entry in summary.get("compare", {}).items():
-        lines.append(_row(name, entry))
-    for name, entry in summary["baselines"].items():
-        if name != summary["method"]:
+    lines += [_row(name, entry) for name, entry in summary.methods().items()]
+    for name, entry in summary.baselines.items():
+        if name != summary.method:
             lines.append(_row(f"{name} (no LLM)", entry))
     text = head + "\n".join(lines) + "\n"
     text += cost_table(summary)
-    if summary.get("notes"):
-        text += "\n" + "\n".join(f"- {note}" for note in summary["notes"]) + "\n"
-    population = summary.get("baselines_all_subjects")
-    if population and next(iter(population.values()))["n_subjects"] != summary["n_subjects"]:
+    if summary.notes:
+        text += "\n" + "\n".join(f"- {note}" for note in summary.notes) + "\n"
+    population = summary.baselines_all_subjects
+    if population and next(iter(population.values())).n_subjects != summary.main.n_subjects:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += [_row(f"{name} (no LLM)", entry) for name, entry in population.items()]
         text += "\nStatistical baselines on all loaded subjects:\n\n" + "\n".join(lines) + "\n"

@@ -40,7 +40,7 @@ def standard_error(values: Sequence[float]) -> float:
 
 def _title(run: Run, what: str) -> str:
     s = run.summary
-    return f"{what}\n{s['model']}, protocol={run.protocol}, {len(s['cases'])} subject(s)"
+    return f"{what}\n{s.model}, protocol={run.protocol}, {len(s.cases)} subject(s)"
 
 
 def plot_trait_errors(run: Run, path: Path) -> None:
@@ -53,9 +53,9 @@ def plot_trait_errors(run: Run, path: Path) -> None:
     colors = [f"C{i % 10}" for i in range(len(run.methods))]
     for i, (m, color) in enumerate(zip(run.methods, colors)):
         pos = x - 0.4 + width * (i + 0.5)
-        heights = [m.entry["mae"][t] for t in TRAITS]
+        heights = [m.entry.mae[t] for t in TRAITS]
         missing = " (n/a: no parsed answer)" if not np.isfinite(heights).any() else ""
-        errors = [standard_error([r["mae"][t] for r in m.rows]) for t in TRAITS]
+        errors = [standard_error([r.mae[t] for r in m.rows]) for t in TRAITS]
         ax.bar(
             pos,
             heights,
@@ -82,7 +82,7 @@ def plot_pas_alpha(run: Run, path: Path) -> bool:
     """PAS Score against alpha: one thin line per subject, their mean thick. False (nothing
     written) when the run has no PAS rows with alpha scores."""
     pas = run.method("pas")
-    infos = [r.get("align_info", {}) for r in pas.rows] if pas is not None else []
+    infos = [r.align_info for r in pas.rows] if pas is not None else []
     key = next((k for k in ALPHA_KEYS if infos and all(k in i for i in infos)), None)
     if key is None:
         return False
@@ -183,7 +183,7 @@ def plot_confusion(run: Run, m: MethodResult, path: Path) -> None:
             )
         ax.set_xticks(range(counts.shape[1]), [*letters, "UNK"], rotation=45, fontsize=7)
         ax.set_yticks(range(counts.shape[0]), letters, fontsize=7)
-        ax.set_title(f"{trait}: MAE {fmt(m.entry['mae'][trait])}")
+        ax.set_title(f"{trait}: MAE {fmt(m.entry.mae[trait])}")
         ax.set_xlabel("predicted answer")
     axes[0].set_ylabel("subject's answer (raw)")
     fig.colorbar(image, ax=axes, label="share of the row", shrink=0.8)

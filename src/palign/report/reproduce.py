@@ -44,28 +44,28 @@ PAPER_STEPS = 250
 
 
 def _section(run: Run) -> str:
-    s, p = run.summary, run.summary["protocol"]
+    s, p = run.summary, run.summary.protocol
     lines = [
-        f"## protocol={run.protocol}: {s['method']} and the other methods on {s['model']}",
+        f"## protocol={run.protocol}: {s.method} and the other methods on {s.model}",
         "",
         f"- Run dir: `{run.path}`",
     ]
     if run.paper_model:
         lines.append(
-            f"- Model: `{s['model']}` = the paper's {run.paper_model}. Cells marked *paper* and "
+            f"- Model: `{s.model}` = the paper's {run.paper_model}. Cells marked *paper* and "
             "the *paper Score* column are the paper's published Table 1 (its own protocol), "
             "not palign's."
         )
     else:
         lines.append(
-            f"- Model: `{s['model']}`. **The paper has no numbers for this model**; its "
+            f"- Model: `{s.model}`. **The paper has no numbers for this model**; its "
             "Llama-3-8B-Instruct numbers are listed below for reference (see *The paper's "
             "Table 1*)."
         )
     lines += [
-        f"- Protocol: `{p['name']}` (coding `{p['coding']}`, scoring `{p['scoring']}`), "
-        f"{s['n_test_items']} test items per subject.",
-        f"- Subjects ({len(s['cases'])}): {', '.join(map(str, s['cases']))}.",
+        f"- Protocol: `{p.name}` (coding `{p.coding}`, scoring `{p.scoring}`), "
+        f"{s.n_test_items} test items per subject.",
+        f"- Subjects ({len(s.cases)}): {', '.join(map(str, s.cases))}.",
     ]
     steps = [f"{m.name} {m.steps}" for m in run.methods if m.steps is not None]
     if steps:
@@ -74,28 +74,28 @@ def _section(run: Run) -> str:
         )
     pas = run.method("pas")
     if pas is not None:
-        where = sorted({r["align_info"]["alpha_selected_on"] for r in pas.rows})
-        chosen = ", ".join(f"{r['align_info']['alpha']:g}" for r in pas.rows)
+        where = sorted({r.align_info["alpha_selected_on"] for r in pas.rows})
+        chosen = ", ".join(f"{r.align_info['alpha']:g}" for r in pas.rows)
         lines.append(
             f"- PAS alpha selected on: {' / '.join(where).replace('_', ' ')}; chosen per subject: "
             f"{chosen}."
         )
-    lines += [f"- Note (summary.json): {note}" for note in s.get("notes", [])]
+    lines += [f"- Note (summary.json): {note}" for note in s.notes]
     cols = ["method", "subjects", *TRAITS, "Score", "UNK"]
     if run.paper_model:
         cols.append("paper Score")
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for m in run.methods:
         paper = run.published(m)
-        traits = [fmt(m.entry["mae"][t]) for t in TRAITS]
+        traits = [fmt(m.entry.mae[t]) for t in TRAITS]
         if paper is not None and paper.mae is not None:
             traits = [f"{c} (*paper* {paper.mae[t]:.2f})" for c, t in zip(traits, TRAITS)]
         cells = [
             m.label,
-            str(m.entry["n_subjects"]),
+            str(m.entry.n_subjects),
             *traits,
-            f"**{fmt(m.entry['score'])}**",
-            f"{100 * m.entry['unk_rate']:.1f}%",
+            f"**{fmt(m.entry.score)}**",
+            f"{100 * m.entry.unk_rate:.1f}%",
         ]
         if run.paper_model:
             cells.append(f"{paper.score:.2f}" if paper is not None else "")
@@ -154,21 +154,21 @@ def write_csv(runs: Sequence[Run], path: Path) -> None:
         writer = csv.DictWriter(f, CSV_COLUMNS)
         writer.writeheader()
         for run in runs:
-            p = run.summary["protocol"]
+            p = run.summary.protocol
             for m in run.methods:
                 paper = run.published(m)
                 row = {
-                    "protocol": p["name"],
-                    "coding": p["coding"],
-                    "scoring": p["scoring"],
-                    "model": run.summary["model"],
+                    "protocol": p.name,
+                    "coding": p.coding,
+                    "scoring": p.scoring,
+                    "model": run.summary.model,
                     "method": m.name,
                     "uses_llm": m.uses_llm,
                     "steps": m.steps if m.steps is not None else "",
-                    "n_subjects": m.entry["n_subjects"],
-                    **{f"mae_{t}": m.entry["mae"][t] for t in TRAITS},
-                    "score": m.entry["score"],
-                    "unk_rate": m.entry["unk_rate"],
+                    "n_subjects": m.entry.n_subjects,
+                    **{f"mae_{t}": m.entry.mae[t] for t in TRAITS},
+                    "score": m.entry.score,
+                    "unk_rate": m.entry.unk_rate,
                     "run_dir": str(run.path),
                 }
                 if paper is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +15,7 @@ import pandas as pd
 from palign.constants import TRAITS
 from palign.errors import RunDirError
 from palign.eval.answers import read_table, table_metrics
-from palign.eval.metrics import aggregate
+from palign.eval.records import Aggregate, ResultRow, Summary, aggregate
 from palign.report.published import PAPER_MODEL, Published, published
 from palign.rundir import RunDir
 
@@ -26,18 +26,17 @@ class ReproduceError(RunDirError):
 
 @dataclass
 class MethodResult:
-    """One method of a run: its aggregate from ``summary.json`` (``n_subjects``, ``mae`` per
-    trait, ``score``, ``unk_rate``) and its per-subject rows."""
+    """One method of a run: its aggregate from ``summary.json`` and its per-subject rows."""
 
     name: str
     uses_llm: bool
-    entry: dict
-    rows: list[dict]
+    entry: Aggregate
+    rows: list[ResultRow]
 
     @property
     def steps(self) -> int | None:
         """Training steps per subject recorded by DPO/PPO (``align_info.steps``), else None."""
-        steps = {r["align_info"]["steps"] for r in self.rows if "steps" in r.get("align_info", {})}
+        steps = {r.align_info["steps"] for r in self.rows if "steps" in r.align_info}
         return steps.pop() if len(steps) == 1 else None
 
     @property
@@ -49,23 +48,23 @@ class MethodResult:
 
 @dataclass
 class Run:
-    """A finished run dir: its ``summary.json`` and every method's results."""
+    """A finished run dir: its summary and every method's results."""
 
     path: Path
-    summary: dict
+    summary: Summary
     methods: list[MethodResult]
 
     @property
     def protocol(self) -> str:
-        return self.summary["protocol"]["name"]
+        return self.summary.protocol.name
 
     @property
     def paper_model(self) -> str | None:
-        return PAPER_MODEL.get(self.summary["model"])
+        return PAPER_MODEL.get(self.summary.model)
 
     def published(self, m: MethodResult) -> Published | None:
         """The paper's published numbers for ``m`` on this run's model (LLM methods only)."""
-        return published(self.summary["model"], m.name) if m.uses_llm else None
+        return published(self.summary.model, m.name) if m.uses_llm else None
 
     def method(self, name: str) -> MethodResult | None:
         return next((m for m in self.methods if m.name == name and m.uses_llm), None)
@@ -74,20 +73,20 @@ class Run:
     def of(
         cls,
         path: Path,
-        summary: dict,
-        rows: dict[str, list[dict]],
-        baselines: dict[str, list[dict]],
+        summary: Summary,
+        rows: dict[str, list[ResultRow]],
+        baselines: dict[str, list[ResultRow]],
     ) -> Run:
         """A run from its summary and per-subject rows: ``rows`` of the main and compared
         methods by name, ``baselines`` the statistical baselines' rows."""
-        llm = summary["model"] != "none (no LLM)"
-        names = [summary["method"], *summary.get("compare", {})]
-        entries = [summary, *summary.get("compare", {}).values()]
-        methods = [MethodResult(n, llm, e, rows[n]) for n, e in zip(names, entries)]
+        methods = [
+            MethodResult(name, summary.uses_llm, entry, rows[name])
+            for name, entry in summary.methods().items()
+        ]
         methods += [
             MethodResult(name, False, entry, baselines[name])
-            for name, entry in summary["baselines"].items()
-            if name != summary["method"]
+            for name, entry in summary.baselines.items()
+            if name != summary.method
         ]
         return cls(path, summary, methods)
 
@@ -96,26 +95,26 @@ def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def _differences(entry: dict, again: dict) -> list[str]:
+def _differences(entry: Aggregate, again: Aggregate) -> list[str]:
     """The aggregate fields (``n_subjects``, per-trait MAE, Score, UNK rate) where ``again``
     differs from ``entry`` in any digit."""
     pairs = [
-        ("n_subjects", entry["n_subjects"], again["n_subjects"]),
-        *((f"mae.{t}", entry["mae"][t], again["mae"][t]) for t in TRAITS),
-        ("score", entry["score"], again["score"]),
-        ("unk_rate", entry["unk_rate"], again["unk_rate"]),
+        ("n_subjects", entry.n_subjects, again.n_subjects),
+        *((f"mae.{t}", entry.mae[t], again.mae[t]) for t in TRAITS),
+        ("score", entry.score, again.score),
+        ("unk_rate", entry.unk_rate, again.unk_rate),
     ]
     return [f"{key} {b!r} vs {a!r}" for key, a, b in pairs if not _same(float(a), float(b))]
 
 
 def answers_rows(
-    path: Path, name: str, cases: Sequence[int], stored: Sequence[dict] = ()
-) -> list[dict]:
+    path: Path, name: str, cases: Sequence[int], stored: Sequence[ResultRow] = ()
+) -> list[ResultRow]:
     """Per-subject rows of method ``name`` computed from the run's answers files
     (``answers/<name>/<case>.csv``, :mod:`palign.eval.answers`) in ``cases`` order, each with
     the method's other per-subject fields (``align_info``, timings) from ``stored`` rows. A
     stored row whose metrics differ from its answers file's is an error naming the file."""
-    by_case = {r["case"]: r for r in stored}
+    by_case = {r.case: r for r in stored}
     rows = []
     for case in cases:
         file = RunDir(path).answers_file(name, case)
@@ -125,17 +124,19 @@ def answers_rows(
                 "answers files were kept cannot be reproduced from their answers)"
             )
         try:
-            metrics = table_metrics(read_table(file)).to_dict()
+            metrics = table_metrics(read_table(file))
         except (ValueError, KeyError, pd.errors.ParserError) as e:
             raise ReproduceError(f"{file}: not a palign answers file ({e})") from None
-        row = {**by_case.get(case, {}), **metrics, "case": case, "method": name}
-        if case in by_case:
-            differ = _differences(aggregate([by_case[case]]), aggregate([row]))
+        kept = by_case.get(case)
+        row = ResultRow.of(metrics, case, name)
+        if kept is not None:
+            differ = _differences(aggregate([kept]), aggregate([row]))
             if differ:
                 raise ReproduceError(
                     f"{file}: its answers give {name}'s case {case} other metrics than the "
                     f"run's result row ({'; '.join(differ)}): edited, or from another run?"
                 )
+            row = replace(kept, **vars(metrics))
         rows.append(row)
     return rows
 
@@ -146,15 +147,13 @@ def load_run(path: Path) -> Run:
     that is missing, corrupt or disagrees."""
     run_dir = RunDir(path)
     summary, summary_path = run_dir.read_summary(), run_dir.summary
-    cases = summary["cases"]
-    main = summary["method"]
-    stored = {name: run_dir.read_rows(name, main) for name in [main, *summary["compare"]]}
+    cases, main = summary.cases, summary.method
+    stored = {name: run_dir.read_rows(name, main) for name in summary.methods()}
     rows = {name: answers_rows(path, name, cases, r) for name, r in stored.items()}
-    baselines = {name: answers_rows(path, name, cases) for name in summary["baselines"]}
+    baselines = {name: answers_rows(path, name, cases) for name in summary.baselines}
     entries = {
-        summary["method"]: summary,
-        **summary.get("compare", {}),
-        **{f"{n} (baseline)": e for n, e in summary["baselines"].items()},
+        **summary.methods(),
+        **{f"{n} (baseline)": e for n, e in summary.baselines.items()},
     }
     computed = {**rows, **{f"{n} (baseline)": r for n, r in baselines.items()}}
     for name, entry in entries.items():

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from palign.config import plan
 from palign.errors import ConfigError, RunDirError, cli
-from palign.eval.metrics import aggregate
+from palign.eval.records import Summary, aggregate
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
 from palign.runs.runner import baseline_rows
 from palign.runs.summary import summarize, write_outputs
@@ -26,7 +26,7 @@ from palign.runs.summary import summarize, write_outputs
 log = logging.getLogger("palign")
 
 
-def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
+def merge(shard_dirs: list[Path], out_dir: Path) -> Summary:
     """Merge ``shard_dirs`` into ``out_dir`` (results, answers, summary.json, report.md, and
     relative links to the shards' artifact folders); returns the summary. ``out_dir`` is a new
     folder, or an earlier merge of the same shard dirs (all of its content comes from them:
@@ -37,8 +37,8 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
     out = RunDir(out_dir)
     shards = [RunDir(d) for d in shard_dirs]
     if out.path.exists() and (not out.path.is_dir() or any(out.path.iterdir())):
-        earlier = out.read_summary() if out.summary.is_file() else {}
-        if earlier.get("merged_from") != [str(d) for d in shard_dirs]:
+        earlier = out.read_summary().merged_from if out.summary.is_file() else None
+        if earlier != [str(d) for d in shard_dirs]:
             raise RunDirError(
                 f"merge --out {out_dir}: already exists and is not an earlier merge of these "
                 "shards; merge never overwrites anything else",
@@ -77,12 +77,12 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
             )
         rows[name] = [found[s.case] for s in subjects]
         for row in rows[name]:
-            answers = shard_of[row["case"]].answers_file(name, row["case"])
+            answers = shard_of[row.case].answers_file(name, row.case)
             if not answers.is_file():
                 raise RunDirError(f"merge: {answers} is missing (the subject's answers)")
-            write_atomic(out.answers_file(name, row["case"]), answers.read_text())
-            out.write_row(name, row)
-    models = {shard.read_summary()["model"] for shard in shards if shard.summary.is_file()}
+            write_atomic(out.answers_file(name, row.case), answers.read_text())
+            out.write_row(row)
+    models = {shard.read_summary().model for shard in shards if shard.summary.is_file()}
     model_name = models.pop() if len(models) == 1 else cfg.model.name
     compare = {name: aggregate(rows[name]) for name in names[1:]}
     summary = summarize(
@@ -96,7 +96,7 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> dict:
         baseline_rows(data, subjects, out),
         baseline_rows(data, data.subjects),
     )
-    summary["merged_from"] = [str(d) for d in shard_dirs]
+    summary.merged_from = [str(d) for d in shard_dirs]
     write_atomic(out.config, OmegaConf.to_yaml(cfg))
     for shard in shards:  # artifacts stay in the shards (adapters are large): linked
         for folder in shard.artifact_folders():

@@ -26,7 +26,8 @@ from palign.config import Plan, build, plan
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject
 from palign.eval.answers import answer_table, table_metrics, write_table
-from palign.eval.metrics import aggregate, best_candidate
+from palign.eval.metrics import best_candidate
+from palign.eval.records import NO_LLM, ResultRow, Summary, aggregate
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
@@ -34,8 +35,8 @@ from palign.models.cost import CostMeter
 from palign.report.html import write_page
 from palign.report.plots import plot_run
 from palign.report.results import load_run
-from palign.rundir import SCHEMA_VERSION, RunDir, check_resume, write_atomic
-from palign.runs.summary import aggregate_baselines, summarize, with_setup_cost, write_outputs
+from palign.rundir import RunDir, check_resume, write_atomic
+from palign.runs.summary import summarize, write_outputs
 from palign.runs.tracking import RunTracker
 
 log = logging.getLogger("palign")
@@ -47,7 +48,7 @@ def evaluate_group(
     inventory: Inventory,
     meter: CostMeter | None = None,
     artifacts: Sequence[Artifact] | None = None,
-) -> list[tuple[dict, Artifact, pd.DataFrame]]:
+) -> list[tuple[ResultRow, Artifact, pd.DataFrame]]:
     """Align ``method`` on the subjects' alignment items, answer the test items, score them:
     one result row, artifact and answers table (:mod:`palign.eval.answers`) per subject. The
     method sees only the alignment answers; where it leaves a hyper-parameter to the evaluation
@@ -68,25 +69,21 @@ def evaluate_group(
     out = []
     for subject, artifact, answer in zip(subjects, artifacts, answers, strict=True):
         table, selected_on_test = answers_of(method.name, subject, inventory, answer, artifact)
-        metrics = table_metrics(table)
-        info = {k: v for k, v in artifact.meta.items() if k != "timing"}
-        row = {
-            "schema": SCHEMA_VERSION,
-            "case": subject.case,
-            "method": method.name,
-            **metrics.to_dict(),
-            "timing": {
+        row = ResultRow.of(
+            table_metrics(table),
+            subject.case,
+            method.name,
+            timing={
                 "align_s": (aligned - start) / n,
                 "eval_s": (done - aligned) / n,
                 **artifact.meta.get("timing", {}),
             },
-            **({"align_info": info} if info else {}),
-            **({"selected_on_test_items": selected_on_test} if selected_on_test else {}),
-        }
+            align_info={k: v for k, v in artifact.meta.items() if k != "timing"},
+            selected_on_test_items=selected_on_test,
+        )
         if meter is not None:
-            row["cost"] = {"align": (cost1 - cost0) / n, "answer": (cost2 - cost1) / n}
-            if n > 1:
-                row["subject_batch"] = n
+            row.cost = {"align": (cost1 - cost0) / n, "answer": (cost2 - cost1) / n}
+            row.subject_batch = n if n > 1 else None
         out.append((row, artifact, table))
     return out
 
@@ -120,7 +117,7 @@ def answers_of(
 
 def baseline_rows(
     data: PapiData, subjects: Sequence[Subject], run_dir: RunDir | None = None
-) -> dict[str, list[dict]]:
+) -> dict[str, list[ResultRow]]:
     """Per-subject result rows of every statistical baseline on ``subjects``; with
     ``run_dir``, their answers files too."""
     out = {}
@@ -130,14 +127,9 @@ def baseline_rows(
         out[baseline.name] = []
         for row, _, table in evaluate_group(baseline, subjects, data.inventory):
             if run_dir is not None:
-                write_table(run_dir.answers_file(baseline.name, row["case"]), table)
+                write_table(run_dir.answers_file(baseline.name, row.case), table)
             out[baseline.name].append(row)
     return out
-
-
-def baseline_results(data: PapiData, subjects: Sequence[Subject]) -> dict[str, dict]:
-    """Aggregated results of every statistical baseline on ``subjects``."""
-    return aggregate_baselines(baseline_rows(data, subjects))
 
 
 def evaluate_all(
@@ -148,7 +140,7 @@ def evaluate_all(
     save_artifacts: bool = True,
     tracker: RunTracker | None = None,
     meter: CostMeter | None = None,
-) -> list[dict]:
+) -> list[ResultRow]:
     """Evaluate ``method`` on every subject, ``method.subject_batch`` at a time, with a progress
     bar. Each subject's answers, artifact (``save_artifacts``) and then row are written into
     ``run_dir`` atomically as soon as its group is done, so a killed run loses at most the group
@@ -163,7 +155,7 @@ def evaluate_all(
         )
     pending = [s for s in subjects if s.case not in done]
     size = max(1, method.subject_batch)
-    results: dict[int, tuple[dict, list | None]] = {}
+    results: dict[int, tuple[ResultRow, list | None]] = {}
     bar = tqdm(
         total=len(subjects), desc=f"{method.name} subjects", unit="subject", dynamic_ncols=True
     )
@@ -172,14 +164,14 @@ def evaluate_all(
         for row, artifact, table in evaluate_group(
             method, pending[start : start + size], inventory, meter
         ):
-            write_table(run_dir.answers_file(method.name, row["case"]), table)
+            write_table(run_dir.answers_file(method.name, row.case), table)
             if save_artifacts:
-                artifact.save(run_dir.artifacts(method.name) / str(row["case"]))
-            run_dir.write_row(method.name, row)
-            results[row["case"]] = (row, artifact.history)
+                artifact.save(run_dir.artifacts(method.name) / str(row.case))
+            run_dir.write_row(row)
+            results[row.case] = (row, artifact.history)
             log.info("%s %s", method.name, _log_line(row))
             bar.update(1)
-        bar.set_postfix(score=f"{np.mean([r['score'] for r, _ in results.values()]):.3f}")
+        bar.set_postfix(score=f"{np.mean([r.score for r, _ in results.values()]):.3f}")
     bar.close()
     rows = []
     for subject in subjects:
@@ -198,16 +190,16 @@ def setup(method: Method, context: MethodContext, meter: CostMeter | None) -> di
     return (meter.snapshot() - before).to_dict() if meter else None
 
 
-def _log_line(row: dict) -> str:
-    maes = " ".join(f"{t} {row['mae'][t]:.2f}" for t in TRAITS)
-    t = row["timing"]
+def _log_line(row: ResultRow) -> str:
+    maes = " ".join(f"{t} {row.mae[t]:.2f}" for t in TRAITS)
+    t = row.timing
     return (
-        f"case {row['case']}: Score {row['score']:.3f} ({maes}) UNK {100 * row['unk_rate']:.1f}% "
+        f"case {row.case}: Score {row.score:.3f} ({maes}) UNK {100 * row.unk_rate:.1f}% "
         f"align {t['align_s']:.2f}s eval {t['eval_s']:.2f}s"
     )
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig) -> Summary:
     """Run one configured evaluation; returns the summary (also written to ``summary.json``).
     With ``resume=<run dir>`` the subjects already finished there are not evaluated again.
 
@@ -223,7 +215,7 @@ def run(cfg: DictConfig) -> dict:
         return _run(cfg, run_dir, checked)
 
 
-def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
+def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
     data, subjects, method, others = checked.data, checked.subjects, checked.method, checked.others
     uses_llm = checked.uses_llm
     check_resume(cfg, run_dir)  # again, now that no other run can start here
@@ -233,7 +225,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
     write_atomic(run_dir.config, OmegaConf.to_yaml(cfg, resolve=True))
 
     scorer = None
-    model_name = "none (no LLM)"
+    model_name = NO_LLM
     if uses_llm:
         loaded = build(cfg.model)
         model_name = loaded.name
@@ -249,7 +241,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
     try:
         tracker.hyperparams(cfg)
 
-        def evaluate(m: Method) -> list[dict]:
+        def evaluate(m: Method) -> list[ResultRow]:
             return evaluate_all(
                 m,
                 subjects,
@@ -269,7 +261,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
             notes += other.notes(rows[other.name])
             other.teardown()
         compare = {
-            name: with_setup_cost(aggregate(r), setup_cost[name])
+            name: aggregate(r).with_setup_cost(setup_cost[name])
             for name, r in rows.items()
             if name != method.name
         }
@@ -285,8 +277,8 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> dict:
             baselines,
             baseline_rows(data, data.subjects),
             notes,
+            setup_cost[method.name],
         )
-        with_setup_cost(summary, setup_cost[method.name])
         report = write_outputs(run_dir, summary, rows)
         plots = plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked
         write_page(run_dir.html, report, plots, f"palign: {method.name} on {model_name}")

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from palign.constants import TRAITS
 from palign.errors import RunDirError, cli
+from palign.eval.records import Aggregate, Summary
 from palign.report.html import write_page
 from palign.rundir import RunDir
 from palign.runs.tracking import RunTracker
@@ -31,26 +32,35 @@ COLUMNS = ["job", "overrides", "method", "model", "protocol", "subjects", *TRAIT
            "unk_rate", "selection_score", "align_s_per_subject", "eval_s_per_subject"]  # fmt: skip
 
 
-def objective(cfg: DictConfig, summary: dict) -> float | None:
-    """What ``python -m palign`` returns to a Hydra sweeper: ``summary[cfg.optimized_metric]``
-    (None when no metric is configured; see :func:`palign.config.build.check_objective`)."""
+def objective(cfg: DictConfig, summary: Summary) -> float | None:
+    """What ``python -m palign`` returns to a Hydra sweeper: the summary's value of
+    ``cfg.optimized_metric`` (None when no metric is configured; the only one allowed is
+    ``selection_score``: see :func:`palign.config.build.check_objective`)."""
     metric = cfg.get("optimized_metric")
-    return summary[metric] if metric else None
+    return getattr(summary, metric) if metric else None
 
 
-def _entry_row(job: str, overrides: str, summary: dict, name: str, entry: dict, model: str) -> dict:
-    timing = entry.get("timing", {})
+def _entry_row(
+    job: str,
+    overrides: str,
+    summary: Summary,
+    name: str,
+    entry: Aggregate,
+    model: str,
+    selection_score: float | None = None,
+) -> dict:
+    timing = entry.timing or {}
     return {
         "job": job,
         "overrides": overrides,
         "method": name,
         "model": model,
-        "protocol": summary["protocol"]["name"],
-        "subjects": entry["n_subjects"],
-        **{t: entry["mae"][t] for t in TRAITS},
-        "score": entry["score"],
-        "unk_rate": entry.get("unk_rate", 0.0),
-        "selection_score": entry.get("selection_score"),
+        "protocol": summary.protocol.name,
+        "subjects": entry.n_subjects,
+        **{t: entry.mae[t] for t in TRAITS},
+        "score": entry.score,
+        "unk_rate": entry.unk_rate,
+        "selection_score": selection_score,
         "align_s_per_subject": timing.get("align_s_per_subject"),
         "eval_s_per_subject": timing.get("eval_s_per_subject"),
     }
@@ -83,15 +93,15 @@ def collect(sweep_dir: Path) -> tuple[list[dict], list[str]]:
             continue
         summary = run_dir.read_summary()
         overrides = _overrides(job)
-        rows.append(
-            _entry_row(job.name, overrides, summary, summary["method"], summary, summary["model"])
-        )
-        for name, entry in summary.get("compare", {}).items():
-            rows.append(_entry_row(job.name, overrides, summary, name, entry, summary["model"]))
-        key = (summary["protocol"]["coding"], tuple(summary["cases"]))
+        for name, entry in summary.methods().items():
+            chosen = summary.selection_score if name == summary.method else None
+            rows.append(
+                _entry_row(job.name, overrides, summary, name, entry, summary.model, chosen)
+            )
+        key = (summary.protocol.coding, tuple(summary.cases))
         if key not in seen:
             seen.add(key)
-            for name, entry in summary["baselines"].items():
+            for name, entry in summary.baselines.items():
                 row = _entry_row(job.name, "", summary, f"{name} (no LLM)", entry, "-")
                 baseline_rows.append(row)
     return rows + baseline_rows, missing

@@ -36,6 +36,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from omegaconf import DictConfig, OmegaConf
 
 from palign.constants import TRAITS
+from palign.eval.records import ResultRow, Summary
 from palign.rundir import RunDir, write_atomic
 
 log = logging.getLogger("palign")
@@ -47,16 +48,16 @@ _COUNTER = re.compile(r"^[^/]+/(subject|train/step)$")
 ROW_COLUMNS = ["method", "case", *TRAITS, "score", "unk_rate", "align_s", "eval_s"]
 
 
-def row_cells(row: dict) -> list:
+def row_cells(row: ResultRow) -> list:
     """One per-subject result row as the values of :data:`ROW_COLUMNS`."""
     return [
-        row["method"],
-        row["case"],
-        *(row["mae"][t] for t in TRAITS),
-        row["score"],
-        row["unk_rate"],
-        row["timing"]["align_s"],
-        row["timing"]["eval_s"],
+        row.method,
+        row.case,
+        *(row.mae[t] for t in TRAITS),
+        row.score,
+        row.unk_rate,
+        row.timing["align_s"],
+        row.timing["eval_s"],
     ]
 
 
@@ -243,14 +244,14 @@ class RunTracker:
                     run.define_metric(key, step_metric=None if key == axis else axis)
         self._defined.update(new)
 
-    def subject(self, row: dict, history: Sequence[dict] | None = None) -> None:
+    def subject(self, row: ResultRow, history: Sequence[dict] | None = None) -> None:
         """One subject's metrics under ``<method>/...`` with the next ``<method>/subject``; its
         training curve (one entry per optimiser step) first, under ``<method>/train/...``, each
         entry with the next ``<method>/train/step`` (a history value named ``step`` is replaced
         by it)."""
         if not self.loggers:
             return
-        method = row["method"]
+        method = row.method
         train_step, subject = f"{method}/train/step", f"{method}/subject"
         for entry in history or []:
             train = {f"{method}/train/{k}": float(v) for k, v in entry.items()}
@@ -258,31 +259,26 @@ class RunTracker:
         self._log(
             {
                 **self._tick(subject),
-                f"{method}/case": row["case"],
-                **{f"{method}/mae_{t}": row["mae"][t] for t in TRAITS},
-                f"{method}/score": row["score"],
-                f"{method}/unk_rate": row["unk_rate"],
-                f"{method}/align_s": row["timing"]["align_s"],
+                f"{method}/case": row.case,
+                **{f"{method}/mae_{t}": row.mae[t] for t in TRAITS},
+                f"{method}/score": row.score,
+                f"{method}/unk_rate": row.unk_rate,
+                f"{method}/align_s": row.timing["align_s"],
             },
             axis=subject,
         )
 
-    def summary(self, summary: dict, rows: Sequence[dict], run_dir: RunDir) -> None:
+    def summary(self, summary: Summary, rows: Sequence[ResultRow], run_dir: RunDir) -> None:
         """Run-level results: ``summary/<method>/...`` for the main, compared and baseline
         methods; for W&B also the run summary, a Table of ``rows``, the run dir's report,
         summary, results and plots as an artifact and every saved profile and adapter as one
         artifact per method; for TensorBoard the report as text."""
         if not self.loggers:
             return
-        entries = {
-            summary["method"]: summary,
-            **summary.get("compare", {}),
-            **summary.get("baselines", {}),
-        }
         flat = {}
-        for name, entry in entries.items():
-            flat[f"summary/{name}/score"] = entry["score"]
-            flat.update({f"summary/{name}/mae_{t}": entry["mae"][t] for t in TRAITS})
+        for name, entry in {**summary.methods(), **summary.baselines}.items():
+            flat[f"summary/{name}/score"] = entry.score
+            flat.update({f"summary/{name}/mae_{t}": entry.mae[t] for t in TRAITS})
         self._log(flat)
         report = run_dir.report.read_text() if run_dir.report.exists() else ""
         for logger in self.loggers:
@@ -292,7 +288,9 @@ class RunTracker:
                 logger.experiment.add_text("report", report)
 
     @staticmethod
-    def _wandb_summary(logger: WandbLogger, flat: dict, rows: Sequence[dict], run_dir: RunDir):
+    def _wandb_summary(
+        logger: WandbLogger, flat: dict, rows: Sequence[ResultRow], run_dir: RunDir
+    ) -> None:
         import wandb
 
         run = logger.experiment
