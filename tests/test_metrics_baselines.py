@@ -6,7 +6,7 @@ import pytest
 from palign.data.papi import Item, Subject
 from palign.eval.metrics import mean_mae, subject_metrics
 from palign.methods import Constant, ItemMean, MethodContext, TraitMean
-from palign.runs.runner import baseline_rows
+from palign.runs.runner import baseline_aggregates, baseline_rows
 from palign.runs.summary import aggregate_baselines
 
 
@@ -83,6 +83,7 @@ def test_constant_rejects_values_off_the_scale():
 def test_baselines_reproduce_the_documented_numbers(papi):
     """README of the PAPI copy: always 3 -> 3.79, trait mean rounded -> 2.86 (300 subjects)."""
     out = aggregate_baselines(baseline_rows(papi, papi.subjects))
+    assert baseline_aggregates(papi, papi.subjects) == out  # without tables: the same numbers
     assert out["constant"].score == pytest.approx(3.79, abs=0.005)
     assert out["trait_mean"].score == pytest.approx(2.86, abs=0.005)
     assert out["item_mean"].score < out["trait_mean"].score

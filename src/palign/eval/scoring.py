@@ -260,7 +260,7 @@ class ItemScorer(L.LightningModule):
         if self._prefix_kv is None:
             ids = torch.tensor([self._prefix_ids], device=self.device).expand(self._variants, -1)
             self._notify("prefix", torch.arange(self._variants, device=self.device))
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # no logits needed
             self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         rows = variant.shape[0]
         if self._variants == 1:  # broadcast views; the cache's first update copies them once

@@ -20,7 +20,7 @@ from palign.config import plan
 from palign.errors import ConfigError, RunDirError, cli
 from palign.eval.records import Summary, aggregate
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
-from palign.runs.runner import baseline_rows
+from palign.runs.runner import baseline_aggregates, baseline_rows
 from palign.runs.summary import summarize, write_outputs
 
 log = logging.getLogger("palign")
@@ -94,7 +94,7 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> Summary:
         rows[method.name],
         compare,
         baseline_rows(data, subjects, out),
-        baseline_rows(data, data.subjects),
+        baseline_aggregates(data, data.subjects),
     )
     summary.merged_from = [str(d) for d in shard_dirs]
     write_atomic(out.config, OmegaConf.to_yaml(cfg))

@@ -26,8 +26,8 @@ from palign.config import Plan, build, plan
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject
 from palign.eval.answers import answer_table, table_metrics, write_table
-from palign.eval.metrics import best_candidate
-from palign.eval.records import NO_LLM, ResultRow, Summary, aggregate
+from palign.eval.metrics import best_candidate, subject_metrics
+from palign.eval.records import NO_LLM, Aggregate, ResultRow, Summary, aggregate
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
@@ -129,6 +129,29 @@ def baseline_rows(
             if run_dir is not None:
                 write_table(run_dir.answers_file(baseline.name, row.case), table)
             out[baseline.name].append(row)
+    return out
+
+
+def baseline_aggregates(data: PapiData, subjects: Sequence[Subject]) -> dict[str, Aggregate]:
+    """The aggregate of every statistical baseline on ``subjects`` (e.g. all loaded subjects),
+    without files: each subject's metrics straight from its answers (the numbers a run's rows
+    get from the same answers through their tables)."""
+    inventory, out = data.inventory, {}
+    seen = [s.seen_only(inventory.train) for s in subjects]
+    for cls in BASELINES:
+        baseline = cls()
+        baseline.setup(MethodContext(data))
+        artifacts = baseline.align_group(seen, inventory.train_items)
+        answers = baseline.answer_group(seen, artifacts, inventory.test_items)
+        rows = [
+            ResultRow.of(
+                subject_metrics(a.scores, s.answers(inventory.test), inventory.test_items),
+                s.case,
+                baseline.name,
+            )
+            for s, a in zip(subjects, answers, strict=True)
+        ]
+        out[baseline.name] = aggregate(rows)
     return out
 
 
@@ -275,7 +298,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
             rows[method.name],
             compare,
             baselines,
-            baseline_rows(data, data.subjects),
+            baseline_aggregates(data, data.subjects),
             notes,
             setup_cost[method.name],
         )

@@ -37,14 +37,14 @@ def summarize(
     rows: Sequence[ResultRow],
     compare: dict[str, Aggregate],
     baselines: dict[str, Sequence[ResultRow]],
-    baselines_all: dict[str, Sequence[ResultRow]],
+    baselines_all: dict[str, Aggregate],
     notes: Sequence[str] = (),
     setup_cost: dict[str, int] | None = None,
 ) -> Summary:
     """The run's summary: the method's aggregate (with its one-off ``setup_cost`` when it used
     a model) beside the compared methods' and the statistical baselines' (``baselines``: their
-    rows on the same subjects; ``baselines_all``: on all loaded subjects), and every method's
-    ``notes`` for the report."""
+    rows on the same subjects; ``baselines_all``: their aggregates on all loaded subjects,
+    untimed), and every method's ``notes`` for the report."""
     return Summary(
         method=method.name,
         model=model_name,
@@ -60,7 +60,7 @@ def summarize(
         shard=cfg.dataset.get("shard"),
         compare=compare,
         baselines=aggregate_baselines(baselines),
-        baselines_all_subjects=aggregate_baselines(baselines_all),
+        baselines_all_subjects=dict(baselines_all),
         notes=list(notes),
         versions={"palign": __version__},
     )
