@@ -132,7 +132,7 @@ def test_item_validity_edge_cases():
     assert v["accuracy"].value == 0.5 and v["within_one"].value == 1.0
     v = item_validity(np.zeros(5, int), np.full(5, 3))  # nothing parsed
     assert all(s.value is None for s in v.values())
-    assert v["accuracy"].reason.startswith("no item")
+    assert v["accuracy"].reason == "no item with a parsed prediction and a known target"
     v = item_validity(np.array([1, 2, 3, 4]), np.full(4, 2))
     assert v["item_r"].reason == "the targets do not vary (constant)"
     with pytest.raises(ValueError, match="shapes differ"):

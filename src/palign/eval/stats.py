@@ -78,9 +78,13 @@ def nanmean(x: np.ndarray, axis: int | None = None) -> np.ndarray | float:
 
 
 def correlation(
-    x: np.ndarray, y: np.ndarray, *, rank: bool = False, unit: str = "values",
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    rank: bool = False,
+    unit: str = "values",
     names: tuple[str, str] = ("the predictions", "the targets"),
-) -> Stat:  # fmt: skip
+) -> Stat:
     """Pearson r of ``x`` and ``y`` (n,) (Spearman rho with ``rank``: Pearson r of the average
     ranks). Undefined with the reason when n < 3 (``unit`` names what is counted) or either side
     does not vary (``names`` name the sides)."""
@@ -110,13 +114,13 @@ def item_validity(predicted: np.ndarray, target: np.ndarray) -> dict[str, Stat]:
         raise ValueError(f"shapes differ: predicted {predicted.shape}, target {target.shape}")
     counted = (predicted != UNPARSED) & (target != 0)
     p, t = predicted[counted].astype(np.float64), target[counted].astype(np.float64)
-    unit = "items with a parsed prediction and a known target"
+    counts = "with a parsed prediction and a known target"
     out = {
-        "item_r": correlation(p, t, unit=unit),
-        "item_spearman": correlation(p, t, rank=True, unit=unit),
+        "item_r": correlation(p, t, unit=f"items {counts}"),
+        "item_spearman": correlation(p, t, rank=True, unit=f"items {counts}"),
     }
     if not counted.any():
-        none = Stat(None, f"no {unit[:-1]}")
+        none = Stat(None, f"no item {counts}")
         return {**out, "accuracy": none, "within_one": none}
     err = np.abs(p - t)
     return {
@@ -259,6 +263,9 @@ class PairedTest:
     reason: str | None = None
     level: float = 0.95
 
+    #: Keys a test's JSON must have.
+    KEYS = ("a", "b", "diff", "ci", "p_wilcoxon", "p_bootstrap", "n")
+
     def to_json(self) -> dict[str, Any]:
         """``{a, b, diff, ci: [lo, hi] | None, p_wilcoxon, p_bootstrap, n, level}``, plus
         ``reason`` when set."""
@@ -278,8 +285,7 @@ class PairedTest:
     def from_json(cls, d: Mapping[str, Any]) -> PairedTest:
         """A test from :meth:`to_json`'s output (``level`` 0.95 when absent); a
         :class:`ValueError` names a missing key."""
-        missing = [k for k in ("a", "b", "diff", "ci", "p_wilcoxon", "p_bootstrap", "n")
-                   if k not in d]  # fmt: skip
+        missing = [k for k in cls.KEYS if k not in d]
         if missing:
             raise ValueError(f"not a paired test (no {', '.join(missing)})")
         return cls(
