@@ -2,12 +2,16 @@
 
 The run dir and ``resume`` are checked before Hydra starts (Hydra would create the folder and
 write ``.hydra/`` into it), so a refused run leaves an existing run dir as it was
-(:func:`precheck`).
+(:func:`precheck`). A run works under palign's stop policy (:mod:`palign.stopping`): SIGTERM or
+SIGINT stops it at the next safe point with one line that says how to continue it
+(:func:`continue_command`), exit status 143 or 130.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -15,7 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from palign import CONF_DIR
-from palign.errors import RunDirError, cli
+from palign.errors import RunDirError, Stopped, cli
+from palign.stopping import stop_on_signals
 
 log = logging.getLogger("palign")
 
@@ -25,8 +30,46 @@ def app(cfg: DictConfig) -> float | None:
     from palign.runs.runner import run
     from palign.runs.sweep import objective
 
-    with cli("palign", log):
-        return objective(cfg, run(cfg))
+    with cli("palign", log), stop_on_signals():
+        try:
+            return objective(cfg, run(cfg))
+        except Stopped as stop:
+            stop.resume = continue_command(sys.argv[1:], _resume_dir(cfg))
+            raise
+
+
+def _resume_dir(cfg: DictConfig) -> str:
+    """What ``resume=`` continues: the sweep dir of a multirun job, else the run dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        return str(hydra_cfg.sweep.dir)
+    return str(cfg.paths.output_dir)
+
+
+#: A value Hydra's override grammar reads back as it is (else it goes in quotes).
+_PLAIN_VALUE = re.compile(r"[\w./:@%+-]+", re.ASCII)
+
+
+def hydra_value(value: str) -> str:
+    """``value`` as the value of a command-line override that Hydra reads back exactly: as it
+    is when plain, else in single quotes with a backslash before each ``'`` and each run of
+    backslashes before a ``'`` or the closing quote doubled (Hydra's escaping rules)."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return value
+    quoted = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, quoted) + "'"
+
+
+def continue_command(argv: Sequence[str], resume_dir: str) -> str:
+    """The shell command that continues a stopped run: ``python -m palign`` with the same
+    arguments, where it was written (``resume``, ``hydra.run.dir``, ``hydra.sweep.dir``)
+    replaced by ``resume=<resume_dir>``."""
+    placed = ("resume", "hydra.run.dir", "hydra.sweep.dir")
+    kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in placed]
+    return shlex.join(["python", "-m", "palign", *kept, f"resume={hydra_value(resume_dir)}"])
 
 
 def _override(argv: Sequence[str], key: str) -> str | None:
