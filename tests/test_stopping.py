@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 
-from palign import stopping
+from palign import cache_root, stopping
 from palign.errors import Stopped
 from palign.eval import scoring
 from palign.methods import dpo
+from palign.methods import pas as pas_method
 from palign.pas import activations, probes
 from palign.rundir import RunDir
 from palign.runs.runner import run
@@ -38,20 +39,27 @@ TINY = ["model=tiny_llama", "hardware=cpu", "dataset.limit=2"]
 PAS = ["method=pas", "method.top_k=2", "method.folds=2", "method.alphas=[0,1]"]
 
 
-def signal_on(monkeypatch, owner, name: str, signum: int, call: int = 1, times: int = 1) -> list:
-    """Send ``signum`` to this process ``times`` times when ``owner.name`` is entered for the
-    ``call``-th time, before it runs; returns the list of its calls so far (one entry each)."""
-    original, calls = getattr(owner, name), []
+def signal_on(monkeypatch, owner, name: str, signum: int, when=None, times: int = 1) -> list:
+    """Send ``signum`` to this process (``times`` times) the first time ``owner.name`` is
+    entered while ``when()`` holds (default: always), before it runs; returns the list of its
+    calls (one entry each)."""
+    original, calls, sent = getattr(owner, name), [], []
 
     def entered(*args, **kwargs):
         calls.append(1)
-        if len(calls) == call:
+        if not sent and (when is None or when()):
+            sent.append(1)
             for _ in range(times):
                 os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(owner, name, entered)
     return calls
+
+
+def rows_done(out: Path, method: str, n: int = 1):
+    """A ``when`` for :func:`signal_on`: ``n`` subjects of ``method`` have their row in ``out``."""
+    return lambda: len(list(RunDir(out).results(method).glob("*.json"))) >= n
 
 
 def stopped_line(err: str) -> str:
@@ -117,16 +125,71 @@ def stop_then_resume(args, out, method, monkeypatch, capsys, signum, done, fresh
     assert [json.loads(r)["case"] for r in results] == summary["cases"]  # each once
     fresh = run(fresh_cfg)
     assert summary["cases"] == fresh["cases"]
-    assert scores(summary) == pytest.approx(scores(fresh))
+    assert scores(summary) == pytest.approx(scores(fresh), nan_ok=True)
     return line
 
 
 def test_sigterm_while_scoring_stops_after_the_subject_done(
     cfg_factory, tmp_path, monkeypatch, capsys
 ):
-    args = [*TINY, "method=no_change"]
-    signal_on(monkeypatch, scoring.Scorer, "run", signal.SIGTERM, call=2)
+    args, out = [*TINY, "method=no_change"], tmp_path / "run"
+    signal_on(monkeypatch, scoring.Scorer, "run", signal.SIGTERM, rows_done(out, "no_change"))
     stop_then_resume(
-        args, tmp_path / "run", "no_change", monkeypatch, capsys, signal.SIGTERM, 1,
+        args, out, "no_change", monkeypatch, capsys, signal.SIGTERM, 1,
         cfg_factory(*args, out="fresh"),
     )  # fmt: skip
+
+
+def test_sigint_while_generating_answers_stops_after_the_subject_done(
+    cfg_factory, tmp_path, monkeypatch, capsys
+):
+    args = [*TINY, "method=no_change", "scoring.mode=generate", "scoring.max_new_tokens=2"]
+    out = tmp_path / "run"
+    signal_on(monkeypatch, scoring.Scorer, "run", signal.SIGINT, rows_done(out, "no_change"))
+    stop_then_resume(
+        args, out, "no_change", monkeypatch, capsys, signal.SIGINT, 1,
+        cfg_factory(*args, out="fresh"),
+    )  # fmt: skip
+
+
+def test_sigint_while_fitting_probes_keeps_no_profile_of_the_subject_in_flight(
+    cfg_factory, tmp_path, monkeypatch, capsys
+):
+    args, out = [*TINY, *PAS, "method.subject_batch=1"], tmp_path / "run"
+    signal_on(monkeypatch, pas_method, "fit_probes", signal.SIGINT, rows_done(out, "pas"))
+    stop_then_resume(
+        args, out, "pas", monkeypatch, capsys, signal.SIGINT, 1,
+        cfg_factory(*args, out="fresh"),
+    )  # fmt: skip
+
+
+def test_sigterm_while_training_saves_no_unfinished_adapter(
+    cfg_factory, tmp_path, monkeypatch, capsys
+):
+    args, out = [*TINY, "method=dpo_smoke"], tmp_path / "run"
+    when = rows_done(out, "dpo_smoke")
+    signal_on(monkeypatch, dpo.DPOModule, "training_step", signal.SIGTERM, when)
+    stop_then_resume(
+        args, out, "dpo_smoke", monkeypatch, capsys, signal.SIGTERM, 1,
+        cfg_factory(*args, out="fresh"),
+    )  # fmt: skip
+
+
+def test_sigterm_while_collecting_activations_caches_none(tmp_path, monkeypatch, capsys):
+    """PAS's activations are collected before the first subject: the run stops after none, and
+    no activation cache is written for a later run to take as complete."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for converted in cache_root().glob("SmolLM2-*"):  # tiny_llama's tokenizer, converted once
+        (cache / converted.name).symlink_to(converted)
+    monkeypatch.setenv("PALIGN_CACHE", str(cache))
+    hooks = signal_on(monkeypatch, activations.HeadRecorder, "_hook", signal.SIGTERM)
+    out = tmp_path / "run"
+    status = invoke("palign", [*TINY, *PAS, f"hydra.run.dir={out}"], monkeypatch)
+    err = capsys.readouterr().err
+    assert status == 143, err[-3000:]
+    assert stopped_line(err).startswith("palign: stopped by SIGTERM; continue with: python")
+    assert not list(cache.glob("activations/*"))
+    # tiny_llama's 2 layers: the shared prefix's forward and the first batch's, of 15 batches
+    assert len(hooks) == 2 * 2
+    assert not (out / RunDir.LOCK).exists() and not (out / "results").exists()
