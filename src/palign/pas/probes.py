@@ -21,6 +21,7 @@ import torch
 
 from palign import stopping
 
+
 @dataclass
 class ProbeFit:
     """Per subject and head: ``train_acc``, ``val_acc`` (subjects, heads); weights (subjects,
