@@ -94,14 +94,27 @@ def precheck(argv: Sequence[str]) -> None:
     (a sweep dir for ``-m``), its result rows are readable, no other run holds it, and (single
     runs) its ``config.yaml`` agrees with the overrides given (:func:`palign.rundir.check_resume`).
     A single run's config is composed here first, so that a config Hydra cannot compose (a key
-    its schema lacks, an unknown option) is one error line, before any folder is made."""
+    its schema lacks, an unknown option) is one error line, before any folder is made; then its
+    :func:`~palign.config.plan` is made (the data, the subjects, the methods and every configured
+    value checked), so that a refused run leaves no run dir."""
+    from palign.config import plan
     from palign.config.schema import compose_checked
-    from palign.rundir import RunDir
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --cfg, --help, ...: Hydra only prints
     cfg = None if multirun else compose_checked(list(argv), return_hydra_config=True)
+    _check_run_dir(argv, cfg)
+    if cfg is not None:
+        plan(cfg)
+
+
+def _check_run_dir(argv: Sequence[str], cfg: DictConfig | None) -> None:
+    """:func:`precheck`'s checks of the run dir (``cfg``: the composed config of a single run,
+    None for a multirun)."""
+    from palign.rundir import RunDir
+
+    multirun = cfg is None
     resume, run_dir_arg = _override(argv, "resume"), _override(argv, "hydra.run.dir")
     if resume is None:
         if run_dir_arg is not None and not multirun:

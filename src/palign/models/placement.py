@@ -33,12 +33,17 @@ class PlacementError(ConfigError):
     """The configured device or precision cannot be used here; the message names the key."""
 
 
+def check_device_form(device: str) -> None:
+    """Refuse a ``hardware.device`` that names no device (whether or not it is present)."""
+    if not (device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise PlacementError(f"hardware.device={device!r} is not one of {DEVICE_HELP}")
+
+
 def check_device(device: str) -> None:
     """Refuse, before any work, a ``hardware.device`` that is malformed or not present here."""
+    check_device_form(device)
     if device == "cpu":
         return
-    if not (device == "auto" or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise PlacementError(f"hardware.device={device!r} is not one of {DEVICE_HELP}")
     if not torch.cuda.is_available():
         raise PlacementError(
             f"hardware.device={device!r}: no CUDA GPU is visible here (torch "
