@@ -276,3 +276,49 @@ def test_kill_term_ends_a_running_palign_within_seconds(tmp_path):
     assert line.startswith("palign: stopped by SIGTERM after 1 of 3 subjects; continue with:")
     assert line.endswith(f"resume={out}") and not (out / RunDir.LOCK).exists()
     assert len(list(rows.glob("*.json"))) == 1
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.is_file() else []
+
+
+def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_path):
+    """submitit's requeue signal (SIGUSR2: SLURM's preemption or time limit) sent to a running
+    job of the local executor: the job stops at the next safe point, submitit requeues it with
+    ``resume=<sweep dir>`` (hydra_plugins.palign_requeue), and the next attempt finishes the subjects."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m", "hydra/launcher=submitit_local",
+        "hydra.launcher._target_=hydra_plugins.palign_requeue.LocalLauncher",
+        "model=tiny_llama", "hardware=cpu", "method=no_change", "dataset.limit=3",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "palign", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    job = sweep / "0_no_change_tiny_llama"
+    rows = job / "results" / "no_change"
+    deadline = time.time() + 300
+    while not list(rows.glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    (controller,) = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    (task,) = _children(controller)
+    os.kill(task, signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
+    assert "palign: stopped by SIGUSR2 after 1 of 3 subjects; requeued" in log, log[-3000:]
+    assert list((job / ".hydra").glob("resume_*")), "the second attempt did not resume"
+    summary = json.loads((job / "summary.json").read_text())
+    done = RunDir(job).read_rows("no_change", "no_change")
+    assert [r["case"] for r in done] == summary["cases"] and len(summary["cases"]) == 3
+    reference = uninterrupted["no_change"]
+    for row in done[:2]:
+        assert metrics(row) == pytest.approx(metrics(reference[row["case"]]))
+    assert not (job / RunDir.LOCK).exists()

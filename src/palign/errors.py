@@ -70,11 +70,16 @@ class Stopped(BaseException):
     point, or at once on a second signal (``at_once``). A ``BaseException``, as
     ``KeyboardInterrupt`` is, so that no ``except Exception`` on its way up takes it for a failure
     to recover from. ``progress``: how far the work got (e.g. ``2 of 120 subjects (few_shot)``);
-    ``resume``: the command that continues it, filled in by the entry point that knows it."""
+    ``resume``: the command that continues it, filled in by the entry point that knows it;
+    ``requeue``: a cluster job is requeued instead (:func:`palign.stopping.stop_on_signals`)."""
 
-    def __init__(self, signum: int, progress: str = "", at_once: bool = False):
+    def __init__(
+        self, signum: int, progress: str = "", at_once: bool = False, requeue: bool = False
+    ):
         super().__init__(signum)
         self.signum, self.progress, self.at_once = int(signum), progress, at_once
+        #: A cluster job is to be requeued (its scheduler's preemption or time-limit signal).
+        self.requeue = requeue
         self.resume = ""
 
     @property
@@ -94,6 +99,8 @@ class Stopped(BaseException):
     def __str__(self) -> str:
         text = f"stopped by {self.signal_name}" + (" at once" if self.at_once else "")
         text += f" after {self.progress}" if self.progress else ""
+        if self.requeue:
+            return text + "; requeued: the job resumes where it stopped"
         return text + (f"; continue with: {self.resume}" if self.resume else "")
 
 

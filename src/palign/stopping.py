@@ -18,6 +18,11 @@ its way up (the run dir's lock, the loggers) runs as for any exception. A second
 :class:`Stopped` at once, wherever the work is; a third gets the default action (the process
 ends). Outside :func:`stop_on_signals` (palign as a library) nothing is installed and
 :func:`check` never raises.
+
+A cluster job's scheduler may also send a *requeue* signal (submitit's SIGUSR2, sent by SLURM
+before the time limit and after the SIGTERM of a preemption): it stops the work the same way
+(never at once) and marks the stop as one to requeue; the job's entry point then hands over to
+the scheduler's own handler, which requeues the job to resume where it stopped.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _installed = False
 _requested: int | None = None
 _progress = ""
+_requeue: int | None = None  # the requeue signal while one is handled
+_requeue_seen = False
 
 
 def in_force() -> bool:
@@ -52,7 +59,9 @@ def requested() -> int | None:
 def stopped() -> Stopped | None:
     """What a safe point would raise now (a requested stop and the progress recorded), or None
     when no stop was requested: e.g. for a logger to say why its run ended."""
-    return None if _requested is None else Stopped(_requested, _progress)
+    if _requested is None:
+        return None
+    return Stopped(_requested, _progress, requeue=_requeue_seen)
 
 
 def check(progress: str | None = None) -> None:
@@ -69,10 +78,12 @@ def check(progress: str | None = None) -> None:
 
 def _handle(signum: int, frame: object) -> None:
     """The first signal is recorded; the second raises :class:`Stopped` at once and gives the
-    signals their default action back."""
-    global _requested
-    if _requested is None:
-        _requested = signum
+    signals their default action back. The requeue signal is recorded, never at once."""
+    global _requested, _requeue_seen
+    if signum == _requeue:
+        _requeue_seen = True
+    if _requested is None or signum == _requeue:
+        _requested = _requested or signum
         return
     for s in SIGNALS:
         signal.signal(s, signal.SIG_DFL)
@@ -80,17 +91,19 @@ def _handle(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Handle :data:`SIGNALS` by the stop policy for the block; on exit the handlers that were
-    there before are put back and the request is forgotten. Nested blocks are the outer one;
-    outside the main thread (where Python installs no handler) nothing is installed."""
-    global _installed, _requested, _progress
+def stop_on_signals(requeue: int | None = None) -> Iterator[None]:
+    """Handle :data:`SIGNALS` (and ``requeue``, a cluster job's requeue signal) by the stop
+    policy for the block; on exit the handlers that were there before are put back and the
+    request is forgotten. Nested blocks are the outer one; outside the main thread (where Python
+    installs no handler) nothing is installed."""
+    global _installed, _requested, _progress, _requeue, _requeue_seen
     if _installed or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
-    _requested, _progress = None, ""
-    for s in SIGNALS:
+    signals = (*SIGNALS, *([requeue] if requeue is not None else []))
+    previous = {s: signal.getsignal(s) for s in signals}
+    _requested, _progress, _requeue, _requeue_seen = None, "", requeue, False
+    for s in signals:
         signal.signal(s, _handle)
     _installed = True
     try:
@@ -98,7 +111,7 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        _installed, _requested, _progress = False, None, ""
+        _installed, _requested, _progress, _requeue, _requeue_seen = False, None, "", None, False
 
 
 class StopAtBatchEnd(L.Callback):

@@ -4,14 +4,17 @@ The run dir and ``resume`` are checked before Hydra starts (Hydra would create t
 write ``.hydra/`` into it), so a refused run leaves an existing run dir as it was
 (:func:`precheck`). A run works under palign's stop policy (:mod:`palign.stopping`): SIGTERM or
 SIGINT stops it at the next safe point with one line that says how to continue it
-(:func:`continue_command`), exit status 143 or 130.
+(:func:`continue_command`), exit status 143 or 130. In a job submitit runs, its requeue signal
+(preemption, time limit) stops it the same way, and submitit then requeues it: the job's next
+attempt resumes its run dir (:mod:`palign.runs.requeue`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import os
 import shlex
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -30,12 +33,28 @@ def app(cfg: DictConfig) -> float | None:
     from palign.runs.runner import run
     from palign.runs.sweep import objective
 
-    with cli("palign", log), stop_on_signals():
+    requeue = _requeue_signal()
+    with cli("palign", log):
         try:
-            return objective(cfg, run(cfg))
+            with stop_on_signals(requeue):
+                return objective(cfg, run(cfg))
         except Stopped as stop:
+            if stop.requeue:  # the lock and the loggers are released: the scheduler's turn
+                print(f"palign: {stop}", file=sys.stderr, flush=True)
+                signal.getsignal(requeue)(requeue, None)  # requeues and exits
             stop.resume = continue_command(sys.argv[1:], _resume_dir(cfg))
             raise
+
+
+def _requeue_signal() -> int | None:
+    """In a job submitit runs (``hydra/launcher=slurm``, ``submitit_local``): the signal on
+    which submitit requeues it (SIGUSR2 unless ``$SUBMITIT_PREEMPT_SIGNAL``), whose handler
+    submitit has installed; None elsewhere."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    from submitit.core.job_environment import JobEnvironment
+
+    return JobEnvironment._usr_sig()
 
 
 def _resume_dir(cfg: DictConfig) -> str:
@@ -49,24 +68,12 @@ def _resume_dir(cfg: DictConfig) -> str:
     return str(cfg.paths.output_dir)
 
 
-#: A value Hydra's override grammar reads back as it is (else it goes in quotes).
-_PLAIN_VALUE = re.compile(r"[\w./:@%+-]+", re.ASCII)
-
-
-def hydra_value(value: str) -> str:
-    """``value`` as the value of a command-line override that Hydra reads back exactly: as it
-    is when plain, else in single quotes with a backslash before each ``'`` and each run of
-    backslashes before a ``'`` or the closing quote doubled (Hydra's escaping rules)."""
-    if _PLAIN_VALUE.fullmatch(value):
-        return value
-    quoted = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
-    return "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, quoted) + "'"
-
-
 def continue_command(argv: Sequence[str], resume_dir: str) -> str:
     """The shell command that continues a stopped run: ``python -m palign`` with the same
     arguments, where it was written (``resume``, ``hydra.run.dir``, ``hydra.sweep.dir``)
     replaced by ``resume=<resume_dir>``."""
+    from palign.config.schema import hydra_value
+
     placed = ("resume", "hydra.run.dir", "hydra.sweep.dir")
     kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in placed]
     return shlex.join(["python", "-m", "palign", *kept, f"resume={hydra_value(resume_dir)}"])
