@@ -322,3 +322,23 @@ def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_pat
     for row in done[:2]:
         assert metrics(row) == pytest.approx(metrics(reference[row["case"]]))
     assert not (job / RunDir.LOCK).exists()
+
+
+def test_a_stopped_sweep_continues_with_the_line_it_printed(tmp_path, monkeypatch, capsys):
+    """A multirun's job stopped in-process: the whole sweep stops, and the line's command
+    (``-m ... resume=<sweep dir>``) finishes that job and runs the next."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "method=no_change,trait_mean", f"hydra.sweep.dir={sweep}"]
+    job = sweep / "0_no_change_tiny_llama"
+    signal_on(monkeypatch, scoring.Scorer, "run", signal.SIGTERM, rows_done(job, "no_change"))
+    capsys.readouterr()
+    assert invoke("palign", args, monkeypatch) == 143
+    line = stopped_line(capsys.readouterr().err)
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:4] == ["python", "-m", "palign", "-m"] and command[-1] == f"resume={sweep}"
+    assert not (sweep / "1_trait_mean_tiny_llama").exists()
+    monkeypatch.undo()
+    assert invoke("palign", command[3:], monkeypatch) == 0
+    for name in ("0_no_change_tiny_llama", "1_trait_mean_tiny_llama"):
+        assert json.loads((sweep / name / "summary.json").read_text())["n_subjects"] == 2
+    assert (sweep / "sweep_table.md").is_file()
