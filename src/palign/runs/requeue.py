@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from palign.config.schema import hydra_value
-
 
 def resumed(sweep_overrides: Sequence[str], sweep_dir: str) -> list[str]:
     """A job's overrides with ``resume=<sweep_dir>`` in place of any ``resume`` they have."""
+    from palign.config.schema import hydra_value  # not at import: Hydra imports every plugin
+
     kept = [o for o in sweep_overrides if o.split("=", 1)[0].lstrip("+~") != "resume"]
     return [*kept, f"resume={hydra_value(sweep_dir)}"]
 
