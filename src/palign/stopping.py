@@ -51,11 +51,6 @@ def in_force() -> bool:
     return _installed
 
 
-def requested() -> int | None:
-    """The signal that asked the process to stop, or None."""
-    return _requested
-
-
 def stopped() -> Stopped | None:
     """What a safe point would raise now (a requested stop and the progress recorded), or None
     when no stop was requested: e.g. for a logger to say why its run ended."""
