@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "palign"
 
 #: Layer of each top-level module or package of palign, from the ground up.
 LAYERS = {
-    "__init__": 0, "errors": 0, "constants": 0, "progress": 0,
+    "__init__": 0, "errors": 0, "constants": 0, "progress": 0, "stopping": 0,
     "data": 1, "models": 1,
     "eval": 2, "rundir": 2,
     "pas": 3, "report": 3,

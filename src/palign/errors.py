@@ -5,12 +5,16 @@ and names its culprit (file, record, field or config key, the value, what is all
 points run under :func:`cli`: a ``PalignError`` is printed as ``<prog>: error: <message>`` and,
 when it has one, ``<prog>: hint: <hint>``, exit status 1; its traceback only when
 ``PALIGN_TRACEBACK=1`` is set. Any other exception is a bug and shows its traceback as usual.
+
+:class:`Stopped` is not an error: the process was told to stop (SIGTERM, SIGINT) and did so at a
+safe point (:mod:`palign.stopping`); :func:`cli` prints its one line and exits 128 + the signal.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -61,6 +65,45 @@ class RunDirError(PalignError, RuntimeError):
     overwritten, disagrees with its summary)."""
 
 
+class Stopped(BaseException):
+    """The process was told to stop (``signum``: SIGTERM, SIGINT, ...) and stopped at a safe
+    point, or at once on a second signal (``at_once``). A ``BaseException``, as
+    ``KeyboardInterrupt`` is, so that no ``except Exception`` on its way up takes it for a failure
+    to recover from. ``progress``: how far the work got (e.g. ``2 of 120 subjects (few_shot)``);
+    ``resume``: the command that continues it, filled in by the entry point that knows it;
+    ``requeue``: a cluster job is requeued instead (:func:`palign.stopping.stop_on_signals`)."""
+
+    def __init__(
+        self, signum: int, progress: str = "", at_once: bool = False, requeue: bool = False
+    ):
+        super().__init__(signum)
+        self.signum, self.progress, self.at_once = int(signum), progress, at_once
+        #: A cluster job is to be requeued (its scheduler's preemption or time-limit signal).
+        self.requeue = requeue
+        self.resume = ""
+
+    @property
+    def signal_name(self) -> str:
+        """``SIGTERM``, ``SIGINT``, ... (the number for a signal without a name)."""
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return str(self.signum)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal: 143 for SIGTERM, 130 for SIGINT (what a shell reports for a process
+        the signal ended)."""
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        text = f"stopped by {self.signal_name}" + (" at once" if self.at_once else "")
+        text += f" after {self.progress}" if self.progress else ""
+        if self.requeue:
+            return text + "; requeued: the job resumes where it stopped"
+        return text + (f"; continue with: {self.resume}" if self.resume else "")
+
+
 def wants_traceback() -> bool:
     return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
 
@@ -71,9 +114,12 @@ def report(prog: str, error: PalignError) -> str:
     return text + (f"\n{prog}: hint: {error.hint}" if error.hint else "")
 
 
-def _log_to_files(log: logging.Logger, error: PalignError) -> None:
-    """``error`` as an ERROR record of ``log``, handled only by the file handlers it reaches."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+def _log_to_files(
+    log: logging.Logger, error: PalignError | Stopped, level: int = logging.ERROR
+) -> None:
+    """``error`` as a record of ``log`` at ``level``, handled only by the file handlers it
+    reaches."""
+    record = log.makeRecord(log.name, level, __file__, 0, "%s", (error,), None)
     logger: logging.Logger | None = log
     while logger is not None:
         for handler in logger.handlers:
@@ -86,9 +132,18 @@ def _log_to_files(log: logging.Logger, error: PalignError) -> None:
 def cli(prog: str, log: logging.Logger | None = None) -> Iterator[None]:
     """Run an entry point's body: a :class:`PalignError` ends the process with status 1 and
     :func:`report`'s lines on stderr (and in ``log``'s files, e.g. the run's log file: not on
-    its console handlers, which would show the error a second time)."""
+    its console handlers, which would show the error a second time); :class:`Stopped` ends it
+    with its exit code (130, 143) and its one line, ``<prog>: stopped by ...``."""
     try:
         yield
+    except Stopped as e:
+        from palign.progress import close_bars
+
+        if log is not None:
+            _log_to_files(log, e, logging.WARNING)
+        close_bars()
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except PalignError as e:
         if log is not None:
             _log_to_files(log, e)

@@ -29,6 +29,10 @@ class StepBar(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.bar.close()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 class BatchBar(L.Callback):
     """A tqdm bar over the batches of each predict run (scoring, generation, activations) with
@@ -52,6 +56,17 @@ class BatchBar(L.Callback):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception) -> None:
+        """A run that ends early (e.g. a stop, :mod:`palign.stopping`) takes its bar along."""
+        self.on_predict_end(trainer, pl_module)
+
+
+def close_bars() -> None:
+    """Close every tqdm bar still open, e.g. the runner's subject bar when a stop ends the run
+    mid-way: what is printed next starts on a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 class PhaseBar:

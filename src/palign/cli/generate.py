@@ -5,7 +5,8 @@
 
 A PAS profile shifts its heads by ``alpha * sigma * direction`` (``alpha`` defaults to the
 profile's own; the traits of a per-trait profile are summed) at every position while generating;
-a DPO/PPO adapter is loaded onto the model for the second reply.
+a DPO/PPO adapter is loaded onto the model for the second reply. SIGTERM or SIGINT stops it after
+the token in flight (:mod:`palign.stopping`), exit status 143 or 130.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from palign.errors import ConfigError, cli
 from palign.eval.generation import generate_pair
 from palign.methods.lora import AdapterArtifact
 from palign.pas.profile import PASProfile
+from palign.stopping import stop_on_signals
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def app(cfg: DictConfig) -> None:
-    with cli("palign generate"):
+    with cli("palign generate"), stop_on_signals():
         if bool(cfg.profile) == bool(cfg.adapter):
             raise ConfigError(
                 "give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<method>/<case> "

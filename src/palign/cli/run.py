@@ -2,12 +2,19 @@
 
 The run dir and ``resume`` are checked before Hydra starts (Hydra would create the folder and
 write ``.hydra/`` into it), so a refused run leaves an existing run dir as it was
-(:func:`precheck`).
+(:func:`precheck`). A run works under palign's stop policy (:mod:`palign.stopping`): SIGTERM or
+SIGINT stops it at the next safe point with one line that says how to continue it
+(:func:`continue_command`), exit status 143 or 130. In a job submitit runs, its requeue signal
+(preemption, time limit) stops it the same way, and submitit then requeues it: the job's next
+attempt resumes its run dir (:mod:`palign.runs.requeue`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -15,7 +22,8 @@ import hydra
 from omegaconf import DictConfig
 
 from palign import CONF_DIR
-from palign.errors import RunDirError, cli
+from palign.errors import RunDirError, Stopped, cli
+from palign.stopping import stop_on_signals
 
 log = logging.getLogger("palign")
 
@@ -25,8 +33,50 @@ def app(cfg: DictConfig) -> float | None:
     from palign.runs.runner import run
     from palign.runs.sweep import objective
 
+    requeue = _requeue_signal()
     with cli("palign", log):
-        return objective(cfg, run(cfg))
+        try:
+            with stop_on_signals(requeue):
+                return objective(cfg, run(cfg))
+        except Stopped as stop:
+            if stop.requeue:  # the lock and the loggers are released: the scheduler's turn
+                print(f"palign: {stop}", file=sys.stderr, flush=True)
+                signal.getsignal(requeue)(requeue, None)  # requeues and exits
+            stop.resume = continue_command(sys.argv[1:], _resume_dir(cfg))
+            raise
+
+
+def _requeue_signal() -> int | None:
+    """In a job submitit runs (``hydra/launcher=slurm``, ``submitit_local``): the signal on
+    which submitit requeues it (SIGUSR2 unless ``$SUBMITIT_PREEMPT_SIGNAL``), whose handler
+    submitit has installed; None elsewhere."""
+    if "SUBMITIT_FOLDER" not in os.environ:
+        return None
+    from submitit.core.job_environment import JobEnvironment
+
+    return JobEnvironment._usr_sig()
+
+
+def _resume_dir(cfg: DictConfig) -> str:
+    """What ``resume=`` continues: the sweep dir of a multirun job, else the run dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        return str(hydra_cfg.sweep.dir)
+    return str(cfg.paths.output_dir)
+
+
+def continue_command(argv: Sequence[str], resume_dir: str) -> str:
+    """The shell command that continues a stopped run: ``python -m palign`` with the same
+    arguments, where it was written (``resume``, ``hydra.run.dir``, ``hydra.sweep.dir``)
+    replaced by ``resume=<resume_dir>``."""
+    from palign.config.schema import hydra_value
+
+    placed = ("resume", "hydra.run.dir", "hydra.sweep.dir")
+    kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in placed]
+    return shlex.join(["python", "-m", "palign", *kept, f"resume={hydra_value(resume_dir)}"])
 
 
 def _override(argv: Sequence[str], key: str) -> str | None:
@@ -51,14 +101,27 @@ def precheck(argv: Sequence[str]) -> None:
     (a sweep dir for ``-m``), its result rows are readable, no other run holds it, and (single
     runs) its ``config.yaml`` agrees with the overrides given (:func:`palign.rundir.check_resume`).
     A single run's config is composed here first, so that a config Hydra cannot compose (a key
-    its schema lacks, an unknown option) is one error line, before any folder is made."""
+    its schema lacks, an unknown option) is one error line, before any folder is made; then its
+    :func:`~palign.config.plan` is made (the data, the subjects, the methods and every configured
+    value checked), so that a refused run leaves no run dir."""
+    from palign.config import plan
     from palign.config.schema import compose_checked
-    from palign.rundir import RunDir
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --cfg, --help, ...: Hydra only prints
     cfg = None if multirun else compose_checked(list(argv), return_hydra_config=True)
+    _check_run_dir(argv, cfg)
+    if cfg is not None:
+        plan(cfg)
+
+
+def _check_run_dir(argv: Sequence[str], cfg: DictConfig | None) -> None:
+    """:func:`precheck`'s checks of the run dir (``cfg``: the composed config of a single run,
+    None for a multirun)."""
+    from palign.rundir import RunDir
+
+    multirun = cfg is None
     resume, run_dir_arg = _override(argv, "resume"), _override(argv, "hydra.run.dir")
     if resume is None:
         if run_dir_arg is not None and not multirun:

@@ -23,6 +23,7 @@ composed as written, and building it checks its keys against its ``Settings``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
@@ -301,3 +302,17 @@ def compose_checked(overrides: list[str], return_hydra_config: bool = False) -> 
             "; ".join(dict.fromkeys(r for r in reasons if r)),
             "set HYDRA_FULL_ERROR=1 and run `palign ... --cfg job` to see the composed config",
         ) from None
+
+
+#: A value Hydra's override grammar reads back as it is (else it goes in quotes).
+_PLAIN_VALUE = re.compile(r"[\w./:@%+-]+", re.ASCII)
+
+
+def hydra_value(value: str) -> str:
+    """``value`` as the value of a command-line override that Hydra reads back exactly: as it
+    is when plain, else in single quotes with a backslash before each ``'`` and each run of
+    backslashes before a ``'`` or the closing quote doubled (Hydra's escaping rules)."""
+    if _PLAIN_VALUE.fullmatch(value):
+        return value
+    quoted = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m[1] * 2, quoted) + "'"

@@ -92,6 +92,20 @@ class ScoringError(ModelError):
     """The model/tokenizer cannot be scored as configured; the message names the config key."""
 
 
+def check_scoring(config: ScoringConfig) -> ScoringConfig:
+    """``config`` when every value is one the scorer takes (checked for every run, whether or
+    not a method scores); else a :class:`ScoringError` naming the key, the value and what is
+    allowed."""
+    if config.mode not in MODES:
+        raise ScoringError(f"scoring.mode={config.mode!r} is not one of {MODES}")
+    if config.parse not in PARSE_RULES:
+        raise ScoringError(f"scoring.parse={config.parse!r} is not one of {PARSE_RULES}")
+    for key in ("batch_size", "max_new_tokens", "parse_window"):
+        if getattr(config, key) < 1:
+            raise ScoringError(f"scoring.{key}={getattr(config, key)} must be >= 1")
+    return config
+
+
 def parse_answer(text: str, window: int = 12, rule: str = "word") -> int:
     """Raw answer (5..1) of the first option letter in ``text[:window]``, or 0 if there is none.
 
@@ -342,13 +356,7 @@ class Scorer:
         self, loaded: LoadedModel, config: ScoringConfig | None = None, precision: str = "32-true"
     ):
         self.loaded = loaded
-        self.config = config or ScoringConfig()
-        if self.config.mode not in MODES:
-            raise ScoringError(f"scoring.mode={self.config.mode!r} is not one of {MODES}")
-        if self.config.batch_size < 1:
-            raise ScoringError(f"scoring.batch_size={self.config.batch_size} must be >= 1")
-        if self.config.parse not in PARSE_RULES:
-            raise ScoringError(f"scoring.parse={self.config.parse!r} is not one of {PARSE_RULES}")
+        self.config = check_scoring(config or ScoringConfig())
         self.batch_size = self.config.batch_size
         self.bar = BatchBar()
         self.trainer = make_trainer(loaded.device, precision, callbacks=[self.bar])

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from palign import stopping
 from palign.data.papi import Item, Subject
 from palign.errors import ConfigError
 from palign.methods.base import setting
@@ -202,11 +203,12 @@ class DPO(LoraMethod):
     @torch.no_grad()
     def reference_logps(self, data: PairBatches) -> torch.Tensor:
         """(pairs, 2) log-probabilities of chosen and rejected under the reference policy, on
-        the model's device."""
+        the model's device; each micro-batch is a safe point of the stop policy."""
         out = torch.zeros(len(data.rows), 2, device=self.device)
         device = self.device
         with self.reference():
             for start in range(0, len(data.rows), self.micro_batch_size):
+                stopping.check()
                 idx = list(range(start, min(start + self.micro_batch_size, len(data.rows))))
                 b = {k: v.to(device) for k, v in data.collate(idx).items()}
                 logps = sequence_logps(

@@ -56,7 +56,9 @@ class LoadedModel:
         return is_quantized(self.model)
 
 
-def _dtype(name: str | torch.dtype) -> torch.dtype:
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype ``name`` (``model.dtype``) names; a :class:`ModelLoadError` names the key
+    otherwise."""
     if isinstance(name, torch.dtype):
         return name
     try:
@@ -226,7 +228,7 @@ def load_gguf_package(
     folder = converted_gguf_dir(package, gguf_file, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(
-        str(folder), dtype=_dtype(dtype), device_map=placement
+        str(folder), dtype=torch_dtype(dtype), device_map=placement
     )
     return finish_loading(model, tokenizer, name)
 
@@ -267,7 +269,7 @@ def load_random(
     target = torch.device("cuda" if device == "auto" else device)
     with torch.random.fork_rng(devices=[] if target.type == "cpu" else [target]), target:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=_dtype(dtype))
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(dtype))
     return finish_loading(model, tokenizer, name)
 
 
@@ -291,7 +293,7 @@ def load_pretrained(
     if device_map is not None and not isinstance(device_map, str):
         device_map = {str(k): v for k, v in device_map.items()}
     kwargs: dict[str, Any] = {
-        "dtype": _dtype(dtype),
+        "dtype": torch_dtype(dtype),
         "device_map": device_map or placement_map(device),
     }
     if quantization:
@@ -299,7 +301,7 @@ def load_pretrained(
 
         q = dict(quantization)
         if "bnb_4bit_compute_dtype" in q:
-            q["bnb_4bit_compute_dtype"] = _dtype(q["bnb_4bit_compute_dtype"])
+            q["bnb_4bit_compute_dtype"] = torch_dtype(q["bnb_4bit_compute_dtype"])
         try:
             kwargs["quantization_config"] = BitsAndBytesConfig(**q)
         except (TypeError, ValueError) as e:

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
+from palign import stopping
 from palign.errors import ConfigError
 
 #: Values of ``hardware.device``.
@@ -32,12 +33,17 @@ class PlacementError(ConfigError):
     """The configured device or precision cannot be used here; the message names the key."""
 
 
+def check_device_form(device: str) -> None:
+    """Refuse a ``hardware.device`` that names no device (whether or not it is present)."""
+    if not (device in ("cpu", "auto") or re.fullmatch(r"cuda(:\d+)?", device)):
+        raise PlacementError(f"hardware.device={device!r} is not one of {DEVICE_HELP}")
+
+
 def check_device(device: str) -> None:
     """Refuse, before any work, a ``hardware.device`` that is malformed or not present here."""
+    check_device_form(device)
     if device == "cpu":
         return
-    if not (device == "auto" or re.fullmatch(r"cuda(:\d+)?", device)):
-        raise PlacementError(f"hardware.device={device!r} is not one of {DEVICE_HELP}")
     if not torch.cuda.is_available():
         raise PlacementError(
             f"hardware.device={device!r}: no CUDA GPU is visible here (torch "
@@ -84,11 +90,28 @@ class PlacedStrategy(SingleDeviceStrategy):
         self.checkpoint_io.teardown()
 
 
-def make_trainer(device: torch.device, precision: str = "32-true", **trainer_kwargs) -> L.Trainer:
+class PlacedTrainer(L.Trainer):
+    """A Trainer under palign's stop policy (:mod:`palign.stopping`) where it is in force: it
+    stops between batches (:class:`~palign.stopping.StopAtBatchEnd`), and Lightning's own
+    reaction to SIGTERM is off (it ends a fit with a ``SystemExit`` of status 0 and ignores
+    SIGTERM in predict). Lightning still calls the policy's handler: it chains the handler it
+    finds when a run starts."""
+
+    @property
+    def received_sigterm(self) -> bool:
+        return False if stopping.in_force() else super().received_sigterm
+
+
+def make_trainer(
+    device: torch.device, precision: str = "32-true", **trainer_kwargs
+) -> PlacedTrainer:
     """A Trainer over the model placed on ``device`` (its input device): never moves the model,
-    no logger, checkpoints or bars of its own (the runner has them)."""
-    # Lightning's per-Trainer banners (GPU available, tips) are noise in a per-subject loop.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    no logger, checkpoints or bars of its own (the runner has them); it stops between batches
+    when a stop is requested (:class:`PlacedTrainer`)."""
+    # Lightning's per-Trainer banners (GPU available, tips) are noise in a per-subject loop, and
+    # so is its "Received SIGTERM" (the stop line says it).
+    for name in ("utilities.rank_zero", "trainer.connectors.signal_connector"):
+        logging.getLogger(f"lightning.pytorch.{name}").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     device = torch.device(device)
     accelerator = "gpu" if device.type == "cuda" else device.type
@@ -98,10 +121,12 @@ def make_trainer(device: torch.device, precision: str = "32-true", **trainer_kwa
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    return L.Trainer(
+    callbacks = [*trainer_kwargs.pop("callbacks", []), stopping.StopAtBatchEnd()]
+    return PlacedTrainer(
         accelerator=accelerator,
         devices=1,
         strategy=PlacedStrategy(device=device),
         precision=check_precision(precision),
+        callbacks=callbacks,
         **{**settings, **trainer_kwargs},
     )

@@ -7,7 +7,8 @@ of them are solved together by batched, damped Newton steps on the activations' 
 fewer train rows than dims each step is solved in the span of the rows (an (n, n) system, not
 (dim + 1, dim + 1)). On CPU, chunks of problems run on single-threaded worker threads. Shapes:
 ``x`` (rows, heads, dim) — rows are contrastive prompts, heads are all (layer, head) pairs
-flattened; ``y`` and masks (subjects, rows).
+flattened; ``y`` and masks (subjects, rows). Each Newton step is a safe point of the stop
+policy (:mod:`palign.stopping`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from palign import stopping
 
 
 @dataclass
@@ -139,6 +142,7 @@ def _newton(direction, data, m, y, c, max_iter, tol, width):
     z = torch.zeros_like(m)
     slack = 64 * torch.finfo(m.dtype).eps
     for _ in range(max_iter):
+        stopping.check()
         p = torch.sigmoid(z)
         step, dz, ww, wd, dd = direction(data, theta, z, m * (p - y), c * m * p * (1 - p), c)
         f0 = _objective(z, y, m, c, ww)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from palign import stopping
 from palign.config import Plan, build, plan
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject
@@ -184,6 +185,7 @@ def evaluate_all(
     )
     bar.update(len(subjects) - len(pending))
     for start in range(0, len(pending), size):
+        stopping.check(f"{len(subjects) - len(pending) + start} of {len(subjects)} subjects")
         for row, artifact, table in evaluate_group(
             method, pending[start : start + size], inventory, meter
         ):

@@ -35,6 +35,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from palign import stopping
 from palign.constants import TRAITS
 from palign.eval.records import ResultRow, Summary
 from palign.rundir import RunDir, write_atomic
@@ -320,9 +321,18 @@ class RunTracker:
 
     def close(self, ok: bool) -> None:
         """Flush and close every logger; a W&B run is finished (exit code 1 after an error),
-        so each job of a multirun is its own run."""
+        so each job of a multirun is its own run. A run that did not finish because it was told
+        to stop (:mod:`palign.stopping`) is finished with the stop's exit code (143 for SIGTERM,
+        130 for SIGINT), marked as preempted (its resumption continues it), and its summary's
+        ``stopped`` says why (``stopped by SIGTERM after 2 of 120 subjects``)."""
+        stop = None if ok else stopping.stopped()
+        status = "success" if ok else "failed" if stop is None else "stopped"
         for logger in self.loggers:
-            logger.finalize("success" if ok else "failed")
+            logger.finalize(status)
             if isinstance(logger, WandbLogger):
-                logger.experiment.finish(exit_code=0 if ok else 1)
+                run = logger.experiment
+                if stop is not None:
+                    run.summary["stopped"] = str(stop)
+                    run.mark_preempting()
+                run.finish(exit_code=0 if ok else 1 if stop is None else stop.exit_code)
         self.loggers = []
