@@ -29,6 +29,7 @@ from palign import cache_root
 from palign.config import compose
 from palign.errors import Stopped
 from palign.eval import scoring
+from palign.eval.records import ResultRow
 from palign.methods import dpo
 from palign.methods import pas as pas_method
 from palign.pas import activations
@@ -85,13 +86,13 @@ def files(out: Path, method: str) -> dict[str, set[str]]:
     }
 
 
-def metrics(row: dict) -> dict:
+def metrics(row: ResultRow) -> dict:
     """What of a result row must not depend on how the run was executed (not timings)."""
-    return {**row["mae"], "score": row["score"], "unk_rate": row["unk_rate"]}
+    return {**row.mae, "score": row.score, "unk_rate": row.unk_rate}
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, dict[int, dict]]:
+def uninterrupted(tmp_path_factory) -> dict[str, dict[int, ResultRow]]:
     """The rows of a run never stopped, by method and case: no_change, then PAS (as in
     :data:`PAS`) and DPO (dpo_smoke) compared on the same 2 subjects, in one run."""
     pas = ",".join(f"{k}:{v}" for k, v in PAS_SETTINGS.items())
@@ -128,7 +129,7 @@ def stop(args, out, method, monkeypatch, capsys, signum, done) -> str:
     return line.split("continue with: ", 1)[1]
 
 
-def resume(command, out, method, monkeypatch, reference: dict[int, dict]) -> None:
+def resume(command, out, method, monkeypatch, reference: dict[int, ResultRow]) -> None:
     """Run the command a stop line gave: it finishes the run in ``out``, keeps the rows written
     before, evaluates every other subject once, and every row has the numbers of ``reference``
     (an uninterrupted run's rows of ``method``)."""
@@ -139,11 +140,11 @@ def resume(command, out, method, monkeypatch, reference: dict[int, dict]) -> Non
     assert invoke("palign", argv[3:], monkeypatch) == 0
     after = {p.name: p.read_text() for p in RunDir(out).results(method).glob("*.json")}
     assert before.items() <= after.items()  # the finished rows are kept as they were
-    summary = json.loads((out / "summary.json").read_text())
+    summary = RunDir(out).read_summary()
     rows = RunDir(out).read_rows(method, method)
-    assert [r["case"] for r in rows] == summary["cases"] == sorted(reference)  # each once
+    assert [r.case for r in rows] == summary.cases == sorted(reference)  # each once
     for row in rows:
-        assert metrics(row) == pytest.approx(metrics(reference[row["case"]]), nan_ok=True)
+        assert metrics(row) == pytest.approx(metrics(reference[row.case]), nan_ok=True)
     assert not (out / RunDir.LOCK).exists()
 
 
@@ -315,12 +316,12 @@ def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_pat
     log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
     assert "palign: stopped by SIGUSR2 after 1 of 3 subjects; requeued" in log, log[-3000:]
     assert list((job / ".hydra").glob("resume_*")), "the second attempt did not resume"
-    summary = json.loads((job / "summary.json").read_text())
+    summary = RunDir(job).read_summary()
     done = RunDir(job).read_rows("no_change", "no_change")
-    assert [r["case"] for r in done] == summary["cases"] and len(summary["cases"]) == 3
+    assert [r.case for r in done] == summary.cases and len(summary.cases) == 3
     reference = uninterrupted["no_change"]
     for row in done[:2]:
-        assert metrics(row) == pytest.approx(metrics(reference[row["case"]]))
+        assert metrics(row) == pytest.approx(metrics(reference[row.case]))
     assert not (job / RunDir.LOCK).exists()
 
 

@@ -104,7 +104,9 @@ def compare_methods(cfg: DictConfig) -> list[DictConfig]:
     """Each ``compare`` entry's method config, resolved against ``cfg`` (as if run with
     ``method=<config>``): an entry is a config name (``dpo_cpu``: named so), or a mapping
     ``{method: <config>, name: <its own name>, <setting>: <value>, ...}`` (e.g. ``{method:
-    dpo_cpu, name: dpo_5steps, steps: 5}``; ``name`` defaults to the config's)."""
+    dpo_cpu, name: dpo_5steps, steps: 5}``; ``name`` defaults to the config's). A config is
+    looked up in the run's config search path (``hydra.searchpath`` when ``cfg`` holds its
+    ``hydra`` node, as before Hydra starts; else the running app's)."""
     out = []
     for i, entry in enumerate(cfg.get("compare") or []):
         key = f"compare[{i}]"
@@ -119,7 +121,8 @@ def compare_methods(cfg: DictConfig) -> list[DictConfig]:
                 "<config name>' (and optionally name and settings)"
             )
         try:
-            node = compose([f"method={config}"]).method
+            searchpath = OmegaConf.select(cfg, "hydra.searchpath", default=None) or ()
+            node = compose([f"method={config}"], searchpath=list(searchpath)).method
         except MissingConfigException:
             packaged = ", ".join(p.stem for p in sorted(CONF_DIR.glob("method/*.yaml")))
             raise ConfigError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
@@ -250,13 +251,16 @@ def register_all() -> None:
 
 
 def compose(
-    overrides: list[str], config_name: str = "config", return_hydra_config: bool = False
+    overrides: list[str],
+    config_name: str = "config",
+    return_hydra_config: bool = False,
+    searchpath: Sequence[str] = (),
 ) -> DictConfig:
     """``conf/<config_name>.yaml`` composed with ``overrides`` as the CLI composes it (schemas
     and all; the ``hydra`` node left out unless ``return_hydra_config``, so
-    ``paths.output_dir`` is unset). Inside a running
-    Hydra app the app's config search path (``hydra.searchpath``: the user's own config dirs)
-    is searched too, and Hydra's global state is restored afterwards."""
+    ``paths.output_dir`` is unset). The config dirs of ``searchpath`` (a run's
+    ``hydra.searchpath``: the user's own config dirs) are searched too; inside a running Hydra
+    app, without ``searchpath``, the app's. Hydra's global state is restored afterwards."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -266,8 +270,10 @@ def compose(
     from palign import CONF_DIR
 
     register_all()
-    if HydraConfig.initialized() and HydraConfig.get().searchpath:
-        overrides = [f"hydra.searchpath=[{','.join(HydraConfig.get().searchpath)}]", *overrides]
+    if not searchpath and HydraConfig.initialized():
+        searchpath = HydraConfig.get().searchpath
+    if searchpath:
+        overrides = [f"hydra.searchpath=[{','.join(searchpath)}]", *overrides]
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
