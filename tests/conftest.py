@@ -25,6 +25,7 @@ from palign.errors import DataError
 from palign.eval.metrics import SubjectMetrics
 from palign.eval.records import ResultRow
 from palign.eval.scoring import Scorer, ScoringConfig
+from palign.eval.stats import Stat
 from palign.models import load_random
 
 TINY_LLAMA = dict(
@@ -55,6 +56,13 @@ def result_row(case: int, method: str = "pas", **recorded) -> ResultRow:
         n_scored=dict.fromkeys("ACENO", 36),
         model_means=dict.fromkeys("ACENO", 3.0),
         subject_means=dict.fromkeys("ACENO", 3.5),
+        validity={
+            "item_r": Stat(0.5),
+            "item_spearman": Stat(0.5),
+            "accuracy": Stat(0.4),
+            "within_one": Stat(0.9),
+            "profile_r": Stat(None, "the subject's trait means do not vary (constant)"),
+        },
     )
     recorded.setdefault("timing", {"align_s": 1.5, "eval_s": 0.5})
     return ResultRow.of(metrics, case, method, **recorded)

@@ -48,11 +48,12 @@ def test_no_change_gives_the_numbers_of_a_cli_run(cfg_factory, model, data):
     assert row["case"] == result.row.case == case and result.row.method == "no_change"
     metrics = vars(result.metrics)
     assert set(metrics) == {
-        "mae", "score", "unk_rate", "answers", "n_scored", "model_means", "subject_means"
+        "mae", "score", "unk_rate", "answers", "n_scored", "model_means", "subject_means",
+        "validity",
     }  # fmt: skip
-    assert json.loads(json.dumps(metrics)) == {k: row[k] for k in metrics}
+    written = json.loads(json.dumps(result.row.to_json()))  # validity: as the file holds it
+    assert {k: written[k] for k in metrics} == {k: row[k] for k in metrics}
     assert result.score == row["score"] and result.artifact.case == case
-    written = result.row.to_json()
     assert set(written) == set(row) - {"subject_batch"}  # timing, cost: as the runner's
     cli_answers = read_table(out / "answers" / "no_change" / f"{case}.csv")
     pd.testing.assert_frame_equal(result.answers, cli_answers, check_dtype=False)

@@ -36,11 +36,14 @@ METHODS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo_smoke", "p
 BASELINES = ("constant", "trait_mean", "item_mean")
 PLOTS = (
     "trait_errors",
+    "trait_validity",
     "pas_alpha",
     "head_accuracy",
     *(f"confusion_{m}" for m in METHODS + BASELINES),
 )
-N_FILES = 3 + 2 * len(PLOTS)  # table.md, .csv, .html and the plots of both protocols
+# table.md, .csv, .html, the plots of both protocols, and paired_differences under clean only:
+# under paper the random model's generated answers leave no subject with a Score (no test).
+N_FILES = 3 + 2 * len(PLOTS) + 1
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +106,13 @@ def test_table_has_every_method_with_the_runs_numbers(smoke, papi):
         rows = _table_rows(section)
         assert list(rows) == [*LLM_ROWS, *BASELINE_ROWS]
         for label, entry in _entries(summary).items():
-            n, *traits, score, unk = rows[label]
+            n, *traits, score, ci, item_r, unk = rows[label]
             assert n == "2" and traits == [_fmt(entry["mae"][t]) for t in TRAITS], label
             assert score == f"**{_fmt(entry['score'])}**"
+            lo_hi = (entry.get("ci") or {}).get("score")  # none where the Score is NaN
+            assert ci == (f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "n/a"), label
+            r = entry["validity"]["item_r"]
+            assert item_r == (f"{r:.2f}" if isinstance(r, float) else "undefined"), label
             assert unk == f"{100 * entry['unk_rate']:.1f}%"
     clean = _entries(_summary(smoke / "clean"))
     # Logit scoring always parses; the baselines on the two sampled subjects (keyed coding).
@@ -138,18 +145,19 @@ def test_table_labels_the_papers_numbers_and_the_alpha_selection(smoke):
 
 def test_one_self_contained_page(smoke):
     page = (smoke / "table.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 * len(PLOTS)
+    assert page.count("data:image/png;base64,") == N_FILES - 3
     assert "<table>" in page and 'src="http' not in page and "<link" not in page
     assert "Table 1 of <em>Personality Alignment of Large Language Models</em>" in page
 
 
 def test_plots_are_png_files(smoke):
-    for protocol in PROTOCOLS:
-        for name in PLOTS:
-            path = smoke / "plots" / f"{name}_{protocol}.png"
-            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-            height, width, _ = imread(path).shape
-            assert height >= 400 and width >= 500, (path, height, width)
+    assert not (smoke / "plots" / "paired_differences_paper.png").exists()
+    names = [f"{n}_{p}" for p in PROTOCOLS for n in PLOTS] + ["paired_differences_clean"]
+    for name in names:
+        path = smoke / "plots" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+        height, width, _ = imread(path).shape
+        assert height >= 400 and width >= 500, (path, height, width)
 
 
 def test_csv_round_trips_the_summaries(smoke, tmp_path):
@@ -190,13 +198,14 @@ def test_a_paper_model_run_gets_the_published_numbers_beside_it(smoke, tmp_path)
     paper_mae = dict(zip(TRAITS, ("0.94", "0.91", "0.86", "0.98", "0.72")))
     assert pas[1:6] == [f"{_fmt(summary['mae'][t])} (*paper* {paper_mae[t]})" for t in TRAITS]
     paper_scores = {label: cells[-1] for label, cells in rows.items()}
+    published = "{} (no interval given)".format
     assert paper_scores == {
-        "pas": "4.41",
+        "pas": published("4.41"),
         "no_change": "",
-        "few_shot": "5.96",
+        "few_shot": published("5.96"),
         "personality_prompt": "",
-        "dpo_smoke (2 steps)": "7.45",
-        "ppo_smoke (2 steps)": "7.62",
+        "dpo_smoke (2 steps)": published("7.45"),
+        "ppo_smoke (2 steps)": published("7.62"),
         **{b: "" for b in BASELINE_ROWS},
     }
     with open(tmp_path / "out" / "table.csv", newline="") as f:

@@ -97,7 +97,7 @@ def _summary_json(**changes) -> dict:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"schema": SCHEMA_VERSION + 1}, "schema 2 is not one this palign reads"),
+        ({"schema": SCHEMA_VERSION + 1}, f"schema {SCHEMA_VERSION + 1} is not one this palign"),
         ({"schema": "1"}, "schema '1' is not one"),
         ({"drop": "mae"}, "not a palign summary (no mae)"),
         ({"protocol": {"name": "clean"}}, "not a palign summary's protocol (no coding, scoring)"),
@@ -120,16 +120,23 @@ def test_summaries_read_back_as_written_and_older_ones_read(tmp_path):
     assert written["cost"] == {"setup": {"forward_calls": 16}}
     assert written["timing"] == {"align_s_per_subject": 1.5, "eval_s_per_subject": 0.5}
     assert "timing" not in written["baselines"]["constant"]  # no model: untimed
-    # Before versioning (schema 0): no schema, notes, versions, selection score or shard.
+    assert written["ci"]["score"] == [3.0, 3.0] and written["validity"]["item_r"] == 0.5
+    assert written["validity"]["profile_r"] == {
+        "value": None,
+        "reason": "undefined for every subject (the subject's trait means do not vary (constant))",
+    }
+    # Before versioning (schema 0): no schema, notes, versions, selection score or shard; and
+    # before validity (schema 1): no intervals, validity or paired tests.
     old = _summary_json()
-    for key in ("schema", "notes", "versions", "selection_score", "shard"):
+    for key in ("schema", "notes", "versions", "selection_score", "shard", "ci", "validity"):
         old.pop(key)
+    for key in ("ci", "validity"):
+        old["baselines"]["constant"].pop(key)
     run_dir.summary.write_text(json.dumps(old))
     read = run_dir.read_summary()
     assert read.schema == 0 and read.notes == [] and read.selection_score is None
-    assert read.main == aggregate([result_row(7), result_row(8)]) and list(read.methods()) == [
-        "pas"
-    ]
+    assert read.main.ci is None and read.main.validity is None and read.tests == []
+    assert read.main.score == 3.0 and list(read.methods()) == ["pas"]
 
 
 def test_result_rows_carry_the_schema_and_a_newer_one_is_refused(tmp_path):
@@ -139,11 +146,13 @@ def test_result_rows_carry_the_schema_and_a_newer_one_is_refused(tmp_path):
     written = json.loads((run_dir.results("pas") / "7.json").read_text())
     assert written["schema"] == SCHEMA_VERSION and written["align_info"] == {"alpha": 2.0}
     assert "cost" not in written and "selected_on_test_items" not in written  # none recorded
-    older = {k: v for k, v in row.to_json().items() if k not in ("schema", "align_info")}
+    older = {
+        k: v for k, v in row.to_json().items() if k not in ("schema", "align_info", "validity")
+    }
     write_atomic(run_dir.results("pas") / "8.json", json.dumps({**older, "case": 8}))
     done = run_dir.finished_rows("pas")
     assert done[7] == row and done[8].schema == 0 and done[8].align_info == {}
-    assert done[8].metrics == row.metrics
+    assert done[8].validity == {} and done[8].mae == row.mae  # before validity metrics
     run_dir.write_rows("pas", "pas", [done[7], done[8]])
     assert run_dir.read_rows("pas", "pas") == [done[7], done[8]]
     newer = run_dir.results("pas") / "9.json"

@@ -9,6 +9,7 @@ import numpy as np
 
 from palign.constants import OPTION_LETTERS, TRAITS, UNPARSED
 from palign.data.papi import Item, keyed
+from palign.eval.stats import Stat, item_validity, profile_r
 
 
 @dataclass
@@ -20,7 +21,10 @@ class SubjectMetrics:
     ``unk_rate``: fraction of items whose answer could not be parsed. ``answers``: histogram of
     the predicted option letters plus ``UNK``. ``n_scored[t]``: items that entered ``mae[t]``.
     ``model_means``/``subject_means``: keyed trait means (1..5) of the predictions and of the
-    subject's answers over the same items.
+    subject's answers over the same items. ``validity``: does the answer pattern follow the
+    subject's (:mod:`palign.eval.stats`): ``item_r``, ``item_spearman``, ``accuracy``,
+    ``within_one`` over the items ``mae`` counts, and ``profile_r`` across the five trait means;
+    each a :class:`Stat`, undefined with the reason (e.g. a constant predictor's correlations).
     """
 
     mae: dict[str, float]
@@ -30,6 +34,7 @@ class SubjectMetrics:
     n_scored: dict[str, int]
     model_means: dict[str, float]
     subject_means: dict[str, float]
+    validity: dict[str, Stat]
 
 
 def _mean(values: np.ndarray) -> float:
@@ -67,6 +72,10 @@ def metrics_of(
         n_scored[t] = int(sel.sum())
         model_means[t] = _mean(kp[(traits == t) & parsed])
         subject_means[t] = _mean(kt[(traits == t) & known])
+    validity = item_validity(predicted, target)
+    validity["profile_r"] = profile_r(
+        np.array([model_means[t] for t in TRAITS]), np.array([subject_means[t] for t in TRAITS])
+    )
     hist = {letter: int((predicted == 5 - i).sum()) for i, letter in enumerate(OPTION_LETTERS)}
     hist["UNK"] = int((~parsed).sum())
     return SubjectMetrics(
@@ -77,6 +86,7 @@ def metrics_of(
         n_scored=n_scored,
         model_means=model_means,
         subject_means=subject_means,
+        validity=validity,
     )
 
 

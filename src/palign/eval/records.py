@@ -15,15 +15,34 @@ timings in seconds; costs in forward calls, tokens forwarded and tokens generate
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
+from palign.constants import TRAITS
 from palign.eval.metrics import SubjectMetrics, mean_mae
+from palign.eval.stats import (
+    PairedTest,
+    Stat,
+    bootstrap_ci,
+    correlation_ci,
+    paired_test,
+    score_ci,
+    subjects_needed,
+    trait_validity,
+)
 
-#: Version of the JSON layout of rows and summaries; readers refuse a newer one.
-SCHEMA_VERSION = 1
+#: Version of the JSON layout of rows and summaries; readers refuse a newer one. 2: validity
+#: metrics per row; intervals, validity and paired tests in the summary (version-1 files read
+#: with none of them).
+SCHEMA_VERSION = 2
+
+#: Resamples and seed of every bootstrap of a summary (fixed: recomputing it from the answers
+#: files gives the same intervals to the last digit).
+N_BOOT, BOOT_SEED = 2000, 0
+#: The validity metrics of each subject (:mod:`palign.eval.stats`), in report order.
+ITEM_VALIDITY = ("item_r", "item_spearman", "accuracy", "within_one", "profile_r")
 
 
 def check_schema(record: Mapping[str, Any]) -> int:
@@ -91,6 +110,7 @@ class ResultRow(SubjectMetrics):
         ``cost``, ...) are left out."""
         out: dict[str, Any] = {"schema": self.schema, "case": self.case, "method": self.method}
         out.update(vars(self.metrics))
+        out["validity"] = {k: s.to_json() for k, s in self.validity.items()}
         out["timing"] = dict(self.timing)
         optional = {
             "align_info": self.align_info,
@@ -113,22 +133,97 @@ class ResultRow(SubjectMetrics):
         values["schema"] = schema
         for key in ("timing", "align_info"):
             values[key] = dict(record.get(key) or {})
+        values["validity"] = {
+            k: Stat.from_json(s) for k, s in (record.get("validity") or {}).items()
+        }
         return cls(**values)
+
+
+Interval = tuple[float, float]
+
+
+def _interval(x: Any) -> Interval | None:
+    return None if x is None else (float(x[0]), float(x[1]))
+
+
+@dataclass(kw_only=True)
+class Validity:
+    """Whether a method's answers follow the subjects', over a run's subjects
+    (:mod:`palign.eval.stats`).
+
+    ``item``: the mean over subjects of each per-subject metric of :data:`ITEM_VALIDITY` where it
+    is defined (``n``: how many subjects that is); undefined with the reason when it is for
+    every subject. ``trait_r``: per trait, Pearson r across subjects of the model's and the
+    subject's keyed trait means (convergent validity). ``ci``: the seeded bootstrap interval of
+    each (``item_r``, ..., ``trait_r.A``, ...), None where undefined."""
+
+    item: dict[str, Stat]
+    trait_r: dict[str, Stat]
+    ci: dict[str, Interval | None]
+    n: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **{k: s.to_json() for k, s in self.item.items()},
+            "trait_r": {t: s.to_json() for t, s in self.trait_r.items()},
+            "ci": {k: list(c) if c is not None else None for k, c in self.ci.items()},
+            "n": dict(self.n),
+        }
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> Validity:
+        _need(record, (*ITEM_VALIDITY, "trait_r", "ci", "n"), "palign validity entry")
+        return cls(
+            item={k: Stat.from_json(record[k]) for k in ITEM_VALIDITY},
+            trait_r={t: Stat.from_json(v) for t, v in record["trait_r"].items()},
+            ci={k: _interval(c) for k, c in record["ci"].items()},
+            n={k: int(v) for k, v in record["n"].items()},
+        )
+
+
+def validity_of(rows: Sequence[ResultRow]) -> Validity:
+    """The :class:`Validity` of ``rows`` (one method, one row per subject), intervals seeded
+    (:data:`N_BOOT`, :data:`BOOT_SEED`). A row without a metric (written by palign before
+    validity metrics) counts as undefined for it."""
+    item, ci, n = {}, {}, {}
+    for key in ITEM_VALIDITY:
+        stats = [
+            r.validity.get(key, Stat(None, "not recorded (an older palign's row)")) for r in rows
+        ]
+        values = np.array([s.value if s.value is not None else np.nan for s in stats])
+        n[key] = int(np.isfinite(values).sum())
+        if n[key]:
+            item[key] = Stat(float(values[np.isfinite(values)].mean()))
+        else:
+            reason = stats[0].reason if stats else "no subjects"
+            item[key] = Stat(None, f"undefined for every subject ({reason})")
+        ci[key] = bootstrap_ci(values, n_boot=N_BOOT, seed=BOOT_SEED) if n[key] else None
+    model = np.array([[r.model_means[t] for t in TRAITS] for r in rows]).reshape(-1, len(TRAITS))
+    subject = np.array([[r.subject_means[t] for t in TRAITS] for r in rows]).reshape(model.shape)
+    trait_r = trait_validity(model, subject)
+    for i, t in enumerate(TRAITS):
+        ci[f"trait_r.{t}"] = correlation_ci(model[:, i], subject[:, i], N_BOOT, BOOT_SEED)
+    return Validity(item=item, trait_r=trait_r, ci=ci, n=n)
 
 
 @dataclass(kw_only=True)
 class Aggregate:
     """One method over a run's subjects: ``n_subjects``; ``mae`` per trait, the mean over
     subjects (those where the trait is NaN left out); ``score``, the sum of those five means;
-    ``unk_rate``, the mean UNK rate. ``timing``: mean seconds per subject
-    (``align_s_per_subject``, ``eval_s_per_subject``, ...), None where not timed (the
-    statistical baselines). ``cost``: ``per_subject`` (the mean of the rows' costs per phase,
-    plus ``total``) and ``setup`` (once per run), None without a model."""
+    ``unk_rate``, the mean UNK rate. ``ci``: seeded bootstrap intervals over subjects of the
+    Score (``score``) and each trait's MAE (``mae``), from the same resamples; None with fewer
+    than 2 subjects (or an older summary). ``validity``: see :class:`Validity` (None in an
+    older summary). ``timing``: mean seconds per subject (``align_s_per_subject``,
+    ``eval_s_per_subject``, ...), None where not timed (the statistical baselines). ``cost``:
+    ``per_subject`` (the mean of the rows' costs per phase, plus ``total``) and ``setup`` (once
+    per run), None without a model."""
 
     n_subjects: int
     mae: dict[str, float]
     score: float
     unk_rate: float
+    ci: dict[str, Any] | None = None
+    validity: Validity | None = None
     timing: dict[str, float] | None = None
     cost: dict[str, dict[str, Any]] | None = None
 
@@ -136,30 +231,51 @@ class Aggregate:
 
     def untimed(self) -> Aggregate:
         """The aggregate without its timings (a statistical baseline's)."""
-        return Aggregate(**{**vars(self), "timing": None})
+        return replace(self, timing=None)
 
     def with_setup_cost(self, cost: dict[str, int] | None) -> Aggregate:
         """The aggregate with the method's one-off set-up ``cost`` beside its per-subject cost
         (unchanged when ``cost`` is None: no model)."""
         if cost is None:
             return self
-        return Aggregate(**{**vars(self), "cost": {**(self.cost or {}), "setup": cost}})
+        return replace(self, cost={**(self.cost or {}), "setup": cost})
 
     def to_json(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in self.KEYS}
+        if self.ci is not None:
+            out["ci"] = {
+                "score": _list(self.ci["score"]),
+                "mae": {t: _list(c) for t, c in self.ci["mae"].items()},
+            }
+        if self.validity is not None:
+            out["validity"] = self.validity.to_json()
         out.update({k: v for k in ("timing", "cost") if (v := getattr(self, k)) is not None})
         return out
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> Aggregate:
         _need(record, cls.KEYS, "palign aggregate")
-        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+        values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
+        if record.get("ci") is not None:
+            ci = record["ci"]
+            values["ci"] = {
+                "score": _interval(ci["score"]),
+                "mae": {t: _interval(c) for t, c in ci["mae"].items()},
+            }
+        if record.get("validity") is not None:
+            values["validity"] = Validity.from_json(record["validity"])
+        return cls(**values)
+
+
+def _list(interval: Interval | None) -> list[float] | None:
+    return list(interval) if interval is not None else None
 
 
 def aggregate(rows: Sequence[ResultRow]) -> Aggregate:
-    """Mean per-trait MAE, Score (sum of those means), UNK rate, timings and costs over rows."""
+    """Mean per-trait MAE, Score (sum of those means), UNK rate, their intervals, validity,
+    timings and costs over rows (one per subject)."""
     mae = mean_mae([r.mae for r in rows])
-    timing = cost = None
+    timing = cost = ci = None
     if rows and rows[0].timing:
         timing = {
             f"{key}_per_subject": float(np.mean([r.timing[key] for r in rows]))
@@ -175,14 +291,43 @@ def aggregate(rows: Sequence[ResultRow]) -> Aggregate:
             for key in next(iter(per_subject.values()))
         }
         cost = {"per_subject": per_subject}
+    matrix = np.array([[r.mae[t] for t in TRAITS] for r in rows]).reshape(-1, len(TRAITS))
+    intervals = score_ci(matrix, N_BOOT, BOOT_SEED)
+    if intervals is not None:
+        ci = {"score": intervals[0], "mae": intervals[1]}
     return Aggregate(
         n_subjects=len(rows),
         mae=mae,
         score=float(sum(mae.values())),
         unk_rate=float(np.mean([r.unk_rate for r in rows])) if rows else float("nan"),
+        ci=ci,
+        validity=validity_of(rows),
         timing=timing,
         cost=cost,
     )
+
+
+#: The Score difference the report says how many subjects it takes to detect (80 % power).
+DETECTABLE_DIFFERENCE = 0.1
+
+
+def paired_tests(
+    main: str, rows: Sequence[ResultRow], others: Mapping[str, Sequence[ResultRow]]
+) -> tuple[list[PairedTest], dict[str, int | None]]:
+    """``main`` against each of ``others`` (rows of the same subjects, paired by case): the
+    paired difference of the per-subject Scores with its interval and p-values (seeded), and
+    the subjects needed to detect a difference of :data:`DETECTABLE_DIFFERENCE` at 80 % power
+    given the observed paired variance, by the other method's name."""
+    scores = {r.case: r.score for r in rows}
+    tests, needed = [], {}
+    for name, other in others.items():
+        theirs = {r.case: r.score for r in other}
+        cases = [c for c in scores if c in theirs]
+        a = np.array([scores[c] for c in cases], dtype=np.float64)
+        b = np.array([theirs[c] for c in cases], dtype=np.float64)
+        tests.append(paired_test(main, a, name, b, N_BOOT, BOOT_SEED))
+        needed[name] = subjects_needed(a - b, DETECTABLE_DIFFERENCE)
+    return tests, needed
 
 
 def mean_selection_score(rows: Sequence[ResultRow]) -> float | None:
@@ -218,7 +363,10 @@ class Summary:
 
     ``cases``: the subjects, in order; ``n_test_items``: the items each answered;
     ``selection_score``: see :func:`mean_selection_score`; ``shard``: ``i/N`` of a sharded run;
-    ``notes``: lines for the report; ``merged_from``: the shard run dirs of a merged run."""
+    ``notes``: lines for the report; ``merged_from``: the shard run dirs of a merged run.
+    ``tests``: the main method against each compared method and baseline
+    (:func:`paired_tests`); ``subjects_needed``: by the other method's name, the subjects a
+    Score difference of :data:`DETECTABLE_DIFFERENCE` needs (both empty in older summaries)."""
 
     method: str
     model: str
@@ -234,6 +382,8 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     merged_from: list[str] | None = None
+    tests: list[PairedTest] = field(default_factory=list)
+    subjects_needed: dict[str, int | None] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     KEYS = ("method", "model", "protocol", "n_test_items", "cases", *Aggregate.KEYS,
@@ -267,6 +417,8 @@ class Summary:
         }
         for key in ("compare", "baselines", "baselines_all_subjects"):
             out[key] = {name: a.to_json() for name, a in getattr(self, key).items()}
+        out["tests"] = [t.to_json() for t in self.tests]
+        out["subjects_needed"] = dict(self.subjects_needed)
         out["notes"] = list(self.notes)
         out["versions"] = dict(self.versions)
         if self.merged_from is not None:
@@ -301,5 +453,7 @@ class Summary:
             notes=list(record.get("notes") or []),
             versions=dict(record.get("versions") or {}),
             merged_from=record.get("merged_from"),
+            tests=[PairedTest.from_json(t) for t in record.get("tests") or []],
+            subjects_needed=dict(record.get("subjects_needed") or {}),
             schema=schema,
         )

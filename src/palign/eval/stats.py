@@ -77,6 +77,14 @@ def nanmean(x: np.ndarray, axis: int | None = None) -> np.ndarray | float:
     return float(out) if np.ndim(out) == 0 else out
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of ``x`` (n,), ties given their average rank (``scipy.stats.rankdata``'s
+    default), in one sort."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2)[inverse]
+
+
 def correlation(
     x: np.ndarray,
     y: np.ndarray,
@@ -95,7 +103,7 @@ def correlation(
         if np.all(side == side[0]):
             return Stat(None, f"{name} do not vary (constant)")
     if rank:
-        x, y = sps.rankdata(x), sps.rankdata(y)
+        x, y = average_ranks(x), average_ranks(y)
     xc, yc = x - x.mean(), y - y.mean()
     r = float(xc @ yc / math.sqrt(float(xc @ xc) * float(yc @ yc)))
     return Stat(min(1.0, max(-1.0, r)))
@@ -216,6 +224,24 @@ def bootstrap_ci(
     else:
         values = np.array([statistic(x[i]) for i in idx], dtype=np.float64)
     return _percentiles(values, level)
+
+
+def correlation_ci(
+    x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of Pearson r of ``x`` and ``y`` (n_subjects,) over the
+    subjects where both are finite, resampled in pairs (:func:`resample_indices`), all resamples
+    at once. Resamples where a side does not vary are left out; None when r is undefined on
+    the data (:func:`correlation`)."""
+    x, y = _finite_pairs(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+    if correlation(x, y).value is None:
+        return None
+    idx = resample_indices(len(x), n_boot, seed)
+    xs, ys = x[idx], y[idx]  # (n_boot, n)
+    xc, yc = xs - xs.mean(1, keepdims=True), ys - ys.mean(1, keepdims=True)
+    var = (xc * xc).sum(1) * (yc * yc).sum(1)
+    r = np.divide((xc * yc).sum(1), np.sqrt(var), out=np.full(n_boot, np.nan), where=var > 0)
+    return _percentiles(np.clip(r, -1.0, 1.0), level)
 
 
 def score_ci(

@@ -5,12 +5,25 @@ from __future__ import annotations
 import numpy as np
 
 from palign.constants import TRAITS
-from palign.eval.records import Aggregate, Summary
+from palign.eval.records import DETECTABLE_DIFFERENCE, ITEM_VALIDITY, Aggregate, Summary
+from palign.eval.stats import Stat, describe_difference
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
     """``x`` with ``digits`` decimals; ``n/a`` for None or a non-finite number."""
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
+
+
+def interval(ci: tuple[float, float] | None, digits: int = 2) -> str:
+    """``[lo, hi]``, or ``n/a`` where there is no interval (fewer than 2 subjects)."""
+    return "n/a" if ci is None else f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def stat(s: Stat, ci: tuple[float, float] | None = None) -> str:
+    """A statistic with its interval; ``undefined`` when it is (the reason is listed apart)."""
+    if s.value is None:
+        return "undefined"
+    return f"{s.value:.2f}" + (f" {interval(ci)}" if ci is not None else "")
 
 
 def _row(name: str, entry: Aggregate) -> str:
@@ -20,6 +33,7 @@ def _row(name: str, entry: Aggregate) -> str:
         str(entry.n_subjects),
         *(fmt(entry.mae[t]) for t in TRAITS),
         f"**{fmt(entry.score)}**",
+        interval(entry.ci["score"] if entry.ci else None, 3),
         f"{100 * entry.unk_rate:.1f}%",
         fmt(timing.get("align_s_per_subject", float("nan")), 2),
         fmt(timing.get("eval_s_per_subject", float("nan")), 2),
@@ -71,6 +85,67 @@ def cost_table(summary: Summary) -> str:
     )
 
 
+def validity_table(entries: dict[str, Aggregate]) -> str:
+    """Per method: the subjects' mean item-level validity metrics and the trait correlations
+    across subjects, each with its 95 % interval; why any is undefined, below the table."""
+    cols = ["method", "item r", "Spearman", "exact", "within 1", "profile r"]
+    cols += [f"trait r {t}" for t in TRAITS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    reasons = []
+    for name, entry in entries.items():
+        v = entry.validity
+        if v is None:
+            continue
+        cells = [name, *(stat(v.item[k], v.ci[k]) for k in ITEM_VALIDITY)]
+        cells += [stat(v.trait_r[t], v.ci[f"trait_r.{t}"]) for t in TRAITS]
+        lines.append("| " + " | ".join(cells) + " |")
+        undefined = {
+            **{k: s.reason for k, s in v.item.items() if s.value is None},
+            **{f"trait r {t}": s.reason for t, s in v.trait_r.items() if s.value is None},
+        }
+        partly = [f"{k} on {n} of {entry.n_subjects}" for k, n in v.n.items()]
+        partly = [p for p, n in zip(partly, v.n.values()) if 0 < n < entry.n_subjects]
+        if undefined:
+            why = "; ".join(f"{k}: {r}" for k, r in undefined.items())
+            reasons.append(f"- {name}: undefined {why}.")
+        if partly:
+            reasons.append(f"- {name}: defined for {', '.join(partly)} subjects (mean of those).")
+    if len(lines) == 2:
+        return ""
+    return (
+        "\nValidity: does the answer pattern follow the person? Item r, Spearman, exact and "
+        "within-1 agreement between the predicted and the subject's answers over the test "
+        "items (UNK and missing answers left out, as for the MAE), and the profile r across "
+        "the five trait means: per subject, mean over subjects. Trait r: across subjects, the "
+        "model's against the subject's keyed trait mean. 95 % bootstrap intervals over "
+        "subjects in brackets.\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + ("\n" + "\n".join(reasons) + "\n" if reasons else "")
+    )
+
+
+def comparisons(summary: Summary) -> str:
+    """The main method against each compared method and baseline, in words, with the subjects
+    a difference of 0.1 needs."""
+    if not summary.tests:
+        return ""
+    lines = []
+    for test in summary.tests:
+        needed = summary.subjects_needed.get(test.b)
+        more = (
+            f"; {needed} subjects would detect a difference of {DETECTABLE_DIFFERENCE} at 80 % "
+            "power"
+            if needed is not None
+            else ""
+        )
+        lines.append(f"- {describe_difference(test)}{more}.")
+    return (
+        "\nPaired comparisons of the per-subject Scores (mean difference, 95 % bootstrap "
+        "interval, Wilcoxon signed-rank p):\n\n" + "\n".join(lines) + "\n"
+    )
+
+
 def report_markdown(summary: Summary) -> str:
     """The run's table: the method beside the statistical baselines on the same subjects."""
     protocol = summary.protocol
@@ -81,13 +156,17 @@ def report_markdown(summary: Summary) -> str:
         f"{summary.n_test_items} test items, mean over subjects; Score = sum of the five "
         "(lower is better). UNK = answers that could not be parsed (left out of the MAE).\n\n"
     )
-    cols = ["method", "subjects", *TRAITS, "Score", "UNK", "align s/subj", "eval s/subj"]
+    cols = ["method", "subjects", *TRAITS, "Score", "Score 95 % CI", "UNK", "align s/subj",
+            "eval s/subj"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += [_row(name, entry) for name, entry in summary.methods().items()]
     for name, entry in summary.baselines.items():
         if name != summary.method:
             lines.append(_row(f"{name} (no LLM)", entry))
     text = head + "\n".join(lines) + "\n"
+    baselines = {f"{n} (no LLM)": e for n, e in summary.baselines.items() if n != summary.method}
+    text += validity_table({**summary.methods(), **baselines})
+    text += comparisons(summary)
     text += cost_table(summary)
     if summary.notes:
         text += "\n" + "\n".join(f"- {note}" for note in summary.notes) + "\n"

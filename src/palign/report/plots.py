@@ -2,8 +2,10 @@
 rendered by Agg without pyplot: ``trait_errors``: per-trait MAE per method, error bars the
 standard error over subjects; ``pas_alpha``: PAS Score against alpha per subject and their mean;
 ``head_accuracy``: mean probe validation accuracy per head; ``confusion_<method>``: predicted
-against target answer counts per trait. Every run draws them (``plots/``), and ``palign
-reproduce`` for each protocol."""
+against target answer counts per trait; ``trait_validity``: each method's keyed trait mean
+against the subject's, one point per subject, with the correlation across subjects;
+``paired_differences``: the main method's Score minus each other's, with 95 % intervals. Every
+run draws them (``plots/``), and ``palign reproduce`` for each protocol."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from palign.constants import TRAITS
 from palign.eval.answers import read_answers
-from palign.report.markdown import fmt
+from palign.report.markdown import fmt, stat
 from palign.report.results import MethodResult, ReproduceError, Run
 from palign.rundir import RunDir
 
@@ -191,15 +193,72 @@ def plot_confusion(run: Run, m: MethodResult, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_trait_validity(run: Run, path: Path) -> None:
+    """One panel per trait: each method's keyed trait mean (y) against the subject's (x), one
+    point per subject, the correlation across subjects (with its 95 % interval) in the legend;
+    the diagonal is a perfect match."""
+    fig = Figure(figsize=(17, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(TRAITS), sharex=True, sharey=True)
+    for ax, trait in zip(axes, TRAITS):
+        ax.plot([1, 5], [1, 5], color="0.7", lw=0.8)
+        for i, m in enumerate(run.methods):
+            x = [r.subject_means[trait] for r in m.rows]
+            y = [r.model_means[trait] for r in m.rows]
+            v = m.entry.validity
+            r = stat(v.trait_r[trait], v.ci[f"trait_r.{trait}"]) if v else "n/a"
+            marker = "o" if m.uses_llm else "x"
+            ax.scatter(x, y, s=12, marker=marker, color=f"C{i % 10}", label=f"{m.label}: r {r}")
+        ax.set_title(f"{trait}: keyed trait mean")
+        ax.set_xlabel("subject's (test items)")
+        ax.legend(fontsize=6, loc="upper left")
+    axes[0].set_ylabel("method's")
+    fig.suptitle(_title(run, "Trait means per subject: method against subject"))
+    fig.savefig(path, dpi=110)
+
+
+def plot_paired_differences(run: Run, path: Path) -> bool:
+    """The main method's Score minus each compared method's and baseline's (mean over subjects,
+    95 % bootstrap interval; left of 0: the main method is better). False (nothing written)
+    when the summary holds no paired tests."""
+    tests = [t for t in run.summary.tests if t.diff is not None]
+    if not tests:
+        return False
+    fig = Figure(figsize=(8, 1.2 + 0.5 * len(tests)), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(tests))
+    diffs = np.array([t.diff for t in tests])
+    lo = np.array([t.ci[0] if t.ci else t.diff for t in tests])
+    hi = np.array([t.ci[1] if t.ci else t.diff for t in tests])
+    for i, t in enumerate(tests):
+        color = "C0" if t.ci is not None and t.holds(t.level) else "0.5"
+        xerr = [[diffs[i] - lo[i]], [hi[i] - diffs[i]]]
+        ax.errorbar(diffs[i], y[i], xerr=xerr, fmt="o", color=color, capsize=3)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"{t.a} - {t.b} ({t.n} subj.)" for t in tests], fontsize=8)
+    ax.set_xlabel("Score difference (left of 0: the first is better); 95 % bootstrap interval")
+    ax.set_title(_title(run, "Paired Score differences (grey: not distinguishable from 0)"))
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def plot_run(run: Run, folder: Path, suffix: str = "") -> list[Path]:
-    """The run's plots in ``folder``: ``trait_errors<suffix>.png``, a
+    """The run's plots in ``folder``: ``trait_errors<suffix>.png``, ``trait_validity`` and
+    ``paired_differences`` (where the summary has them), a
     ``confusion_<method><suffix>.png`` per method and baseline, ``pas_alpha`` and
     ``head_accuracy`` when PAS was run; returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"trait_errors{suffix}.png"
     plot_trait_errors(run, path)
     written = [path]
-    for name, plot in (("pas_alpha", plot_pas_alpha), ("head_accuracy", plot_head_accuracy)):
+    if run.summary.main.validity is not None:  # rows with trait means of every subject
+        path = folder / f"trait_validity{suffix}.png"
+        plot_trait_validity(run, path)
+        written.append(path)
+    for name, plot in (
+        ("paired_differences", plot_paired_differences),
+        ("pas_alpha", plot_pas_alpha),
+        ("head_accuracy", plot_head_accuracy),
+    ):
         path = folder / f"{name}{suffix}.png"
         if plot(run, path):
             written.append(path)

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from palign.constants import TRAITS
 from palign.errors import cli
+from palign.eval.records import Aggregate
 from palign.report.html import write_page
-from palign.report.markdown import fmt
+from palign.report.markdown import comparisons, fmt, interval, stat
 from palign.report.plots import plot_run
 from palign.report.published import PAPER_METHOD, PAPER_MODEL, TABLE1
 from palign.report.results import ReproduceError, Run, load_run
@@ -81,7 +82,7 @@ def _section(run: Run) -> str:
             f"{chosen}."
         )
     lines += [f"- Note (summary.json): {note}" for note in s.notes]
-    cols = ["method", "subjects", *TRAITS, "Score", "UNK"]
+    cols = ["method", "subjects", *TRAITS, "Score", "Score 95 % CI", "item r", "UNK"]
     if run.paper_model:
         cols.append("paper Score")
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -95,12 +96,14 @@ def _section(run: Run) -> str:
             str(m.entry.n_subjects),
             *traits,
             f"**{fmt(m.entry.score)}**",
+            interval(m.entry.ci["score"] if m.entry.ci else None, 3),
+            stat(m.entry.validity.item["item_r"]) if m.entry.validity else "n/a",
             f"{100 * m.entry.unk_rate:.1f}%",
         ]
         if run.paper_model:
-            cells.append(f"{paper.score:.2f}" if paper is not None else "")
+            cells.append(f"{paper.score:.2f} (no interval given)" if paper is not None else "")
         table.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n" + comparisons(run.summary)
 
 
 def _published_section() -> str:
@@ -141,7 +144,7 @@ def table_markdown(runs: Sequence[Run]) -> str:
 CSV_COLUMNS = (
     ["protocol", "coding", "scoring", "model", "method", "uses_llm", "steps", "n_subjects"]
     + [f"mae_{t}" for t in TRAITS]
-    + ["score", "unk_rate", "paper_model", "paper_method"]
+    + ["score", "score_ci_lo", "score_ci_hi", "item_r", "unk_rate", "paper_model", "paper_method"]
     + [f"paper_mae_{t}" for t in TRAITS]
     + ["paper_score", "run_dir"]
 )
@@ -168,6 +171,7 @@ def write_csv(runs: Sequence[Run], path: Path) -> None:
                     "n_subjects": m.entry.n_subjects,
                     **{f"mae_{t}": m.entry.mae[t] for t in TRAITS},
                     "score": m.entry.score,
+                    **_csv_validity(m.entry),
                     "unk_rate": m.entry.unk_rate,
                     "run_dir": str(run.path),
                 }
@@ -178,6 +182,14 @@ def write_csv(runs: Sequence[Run], path: Path) -> None:
                     for t in TRAITS:
                         row[f"paper_mae_{t}"] = paper.mae[t] if paper.mae else ""
                 writer.writerow(row)
+
+
+def _csv_validity(entry: Aggregate) -> dict[str, float | str]:
+    """The Score's interval and the mean item r of ``entry`` for table.csv (empty where there is
+    none: fewer than 2 subjects, undefined, or a summary from before intervals)."""
+    lo, hi = entry.ci["score"] if entry.ci and entry.ci["score"] else ("", "")
+    r = entry.validity.item["item_r"].value if entry.validity else None
+    return {"score_ci_lo": lo, "score_ci_hi": hi, "item_r": "" if r is None else r}
 
 
 def reproduce(run_dirs: Sequence[Path], out: Path) -> list[Path]:

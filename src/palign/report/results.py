@@ -15,7 +15,7 @@ import pandas as pd
 from palign.constants import TRAITS
 from palign.errors import RunDirError
 from palign.eval.answers import read_table, table_metrics
-from palign.eval.records import Aggregate, ResultRow, Summary, aggregate
+from palign.eval.records import Aggregate, ResultRow, Summary, aggregate, paired_tests
 from palign.report.published import PAPER_MODEL, Published, published
 from palign.rundir import RunDir
 
@@ -96,15 +96,20 @@ def _same(a: float, b: float) -> bool:
 
 
 def _differences(entry: Aggregate, again: Aggregate) -> list[str]:
-    """The aggregate fields (``n_subjects``, per-trait MAE, Score, UNK rate) where ``again``
-    differs from ``entry`` in any digit."""
+    """The aggregate fields (``n_subjects``, per-trait MAE, Score, UNK rate, their intervals,
+    the validity metrics) where ``again`` differs from ``entry`` in any digit. A summary
+    written before intervals and validity (schema 1) is checked on the others."""
     pairs = [
         ("n_subjects", entry.n_subjects, again.n_subjects),
         *((f"mae.{t}", entry.mae[t], again.mae[t]) for t in TRAITS),
         ("score", entry.score, again.score),
         ("unk_rate", entry.unk_rate, again.unk_rate),
     ]
-    return [f"{key} {b!r} vs {a!r}" for key, a, b in pairs if not _same(float(a), float(b))]
+    out = [f"{key} {b!r} vs {a!r}" for key, a, b in pairs if not _same(float(a), float(b))]
+    for key in ("ci", "validity"):
+        if getattr(entry, key) is not None and getattr(entry, key) != getattr(again, key):
+            out.append(f"{key} {getattr(again, key)!r} vs {getattr(entry, key)!r}")
+    return out
 
 
 def answers_rows(
@@ -163,4 +168,11 @@ def load_run(path: Path) -> Run:
                 f"{summary_path}: {name} recomputed from {run_dir.answers(name).parent} differs "
                 f"({'; '.join(differ)}): edited, or from another run?"
             )
+    others = {n: r for n, r in {**rows, **baselines}.items() if n != main}
+    tests, needed = paired_tests(main, rows[main], others)
+    if summary.tests and (tests, needed) != (summary.tests, summary.subjects_needed):
+        raise ReproduceError(
+            f"{summary_path}: the paired tests recomputed from {run_dir.answers(main).parent} "
+            "differ from the summary's: edited, or from another run?"
+        )
     return Run.of(path, summary, rows, baselines)

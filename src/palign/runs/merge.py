@@ -18,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from palign.config import plan
 from palign.errors import ConfigError, RunDirError, cli
-from palign.eval.records import Summary, aggregate
+from palign.eval.records import Summary
 from palign.rundir import RESUME_FREE_KEYS, RunDir, config_differences, write_atomic
 from palign.runs.runner import baseline_aggregates, baseline_rows
 from palign.runs.summary import summarize, write_outputs
@@ -84,15 +84,13 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> Summary:
             out.write_row(row)
     models = {shard.read_summary().model for shard in shards if shard.summary.is_file()}
     model_name = models.pop() if len(models) == 1 else cfg.model.name
-    compare = {name: aggregate(rows[name]) for name in names[1:]}
     summary = summarize(
         cfg,
         method,
         model_name,
         data,
         subjects,
-        rows[method.name],
-        compare,
+        rows,
         baseline_rows(data, subjects, out),
         baseline_aggregates(data, data.subjects),
     )

@@ -285,24 +285,17 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
             rows[other.name] = evaluate(other)
             notes += other.notes(rows[other.name])
             other.teardown()
-        compare = {
-            name: aggregate(r).with_setup_cost(setup_cost[name])
-            for name, r in rows.items()
-            if name != method.name
-        }
-        baselines = baseline_rows(data, subjects, run_dir)
         summary = summarize(
             cfg,
             method,
             model_name,
             data,
             subjects,
-            rows[method.name],
-            compare,
-            baselines,
+            rows,
+            baseline_rows(data, subjects, run_dir),
             baseline_aggregates(data, data.subjects),
             notes,
-            setup_cost[method.name],
+            setup_cost,
         )
         report = write_outputs(run_dir, summary, rows)
         plots = plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked

@@ -17,6 +17,7 @@ from palign.eval.records import (
     Summary,
     aggregate,
     mean_selection_score,
+    paired_tests,
 )
 from palign.methods.base import Method
 from palign.report.markdown import report_markdown
@@ -34,17 +35,23 @@ def summarize(
     model_name: str,
     data: PapiData,
     subjects: Sequence[Subject],
-    rows: Sequence[ResultRow],
-    compare: dict[str, Aggregate],
+    rows: dict[str, Sequence[ResultRow]],
     baselines: dict[str, Sequence[ResultRow]],
     baselines_all: dict[str, Aggregate],
     notes: Sequence[str] = (),
-    setup_cost: dict[str, int] | None = None,
+    setup_cost: dict[str, dict[str, int] | None] | None = None,
 ) -> Summary:
-    """The run's summary: the method's aggregate (with its one-off ``setup_cost`` when it used
-    a model) beside the compared methods' and the statistical baselines' (``baselines``: their
-    rows on the same subjects; ``baselines_all``: their aggregates on all loaded subjects,
-    untimed), and every method's ``notes`` for the report."""
+    """The run's summary: the aggregate of each method's ``rows`` (the main method's and the
+    compared ones', by name; each with its one-off ``setup_cost`` when it used a model) beside
+    the statistical baselines' (``baselines``: their rows on the same subjects;
+    ``baselines_all``: their aggregates on all loaded subjects, untimed), the main method
+    compared with each of the others subject by subject, and every method's ``notes``."""
+    cost = setup_cost or {}
+    main = rows[method.name]
+    others = {name: r for name, r in rows.items() if name != method.name}
+    tests, needed = paired_tests(
+        method.name, main, {**others, **{n: r for n, r in baselines.items() if n not in rows}}
+    )
     return Summary(
         method=method.name,
         model=model_name,
@@ -54,15 +61,17 @@ def summarize(
             scoring=cfg.scoring.mode if method.uses_llm else "none (no LLM)",
         ),
         n_test_items=len(data.inventory.test),
-        main=aggregate(rows).with_setup_cost(setup_cost),
-        selection_score=mean_selection_score(rows),
+        main=aggregate(main).with_setup_cost(cost.get(method.name)),
+        selection_score=mean_selection_score(main),
         cases=[s.case for s in subjects],
         shard=cfg.dataset.get("shard"),
-        compare=compare,
+        compare={n: aggregate(r).with_setup_cost(cost.get(n)) for n, r in others.items()},
         baselines=aggregate_baselines(baselines),
         baselines_all_subjects=dict(baselines_all),
         notes=list(notes),
         versions={"palign": __version__},
+        tests=tests,
+        subjects_needed=needed,
     )
 
 

@@ -29,7 +29,8 @@ from palign.runs.tracking import RunTracker
 log = logging.getLogger("palign")
 
 COLUMNS = ["job", "overrides", "method", "model", "protocol", "subjects", *TRAITS, "score",
-           "unk_rate", "selection_score", "align_s_per_subject", "eval_s_per_subject"]  # fmt: skip
+           "score_ci_lo", "score_ci_hi", "unk_rate", "selection_score", "align_s_per_subject",
+           "eval_s_per_subject"]  # fmt: skip
 
 
 def objective(cfg: DictConfig, summary: Summary) -> float | None:
@@ -50,6 +51,7 @@ def _entry_row(
     selection_score: float | None = None,
 ) -> dict:
     timing = entry.timing or {}
+    lo, hi = _score_ci(entry) or (None, None)
     return {
         "job": job,
         "overrides": overrides,
@@ -59,11 +61,18 @@ def _entry_row(
         "subjects": entry.n_subjects,
         **{t: entry.mae[t] for t in TRAITS},
         "score": entry.score,
+        "score_ci_lo": lo,
+        "score_ci_hi": hi,
         "unk_rate": entry.unk_rate,
         "selection_score": selection_score,
         "align_s_per_subject": timing.get("align_s_per_subject"),
         "eval_s_per_subject": timing.get("eval_s_per_subject"),
     }
+
+
+def _score_ci(entry: Aggregate) -> tuple[float, float] | None:
+    """The Score's 95 % interval (None: fewer than 2 subjects, or a summary from before)."""
+    return entry.ci["score"] if entry.ci else None
 
 
 def _overrides(job_dir: Path) -> str:
