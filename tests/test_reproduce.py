@@ -39,7 +39,7 @@ PLOTS = (
     "trait_validity",
     "pas_alpha",
     "head_accuracy",
-    *(f"confusion_{m}" for m in METHODS + BASELINES),
+    *(f"confusion_{m}" for m in METHODS),  # the LLM methods' (the baselines': no LLM runs)
 )
 # table.md, .csv, .html, the plots of both protocols, and paired_differences under clean only:
 # under paper the random model's generated answers leave no subject with a Score (no test).

@@ -23,7 +23,7 @@ from palign.runs.runner import run
 
 
 @pytest.fixture(scope="module")
-def trait_mean_30(tmp_path_factory):
+def trait_mean_30(tmp_path_factory, papi):  # papi: skipped with its reason without the data
     """``python -m palign method=trait_mean dataset.limit=30`` (in-process), its run dir."""
     cfg = compose(["method=trait_mean", "dataset.limit=30", "logger=csv"])
     out = tmp_path_factory.mktemp("trait_mean_30")

@@ -182,6 +182,7 @@ def plot_confusion(run: Run, m: MethodResult, path: Path) -> None:
                 va="center",
                 fontsize=8,
                 color="white" if share[i, j] > 0.6 else "black",
+                in_layout=False,  # inside its axes: the layout need not measure 150 texts
             )
         ax.set_xticks(range(counts.shape[1]), [*letters, "UNK"], rotation=45, fontsize=7)
         ax.set_yticks(range(counts.shape[0]), letters, fontsize=7)
@@ -243,8 +244,8 @@ def plot_paired_differences(run: Run, path: Path) -> bool:
 
 def plot_run(run: Run, folder: Path, suffix: str = "") -> list[Path]:
     """The run's plots in ``folder``: ``trait_errors<suffix>.png``, ``trait_validity`` and
-    ``paired_differences`` (where the summary has them), a
-    ``confusion_<method><suffix>.png`` per method and baseline, ``pas_alpha`` and
+    ``paired_differences`` (where the summary has them), a ``confusion_<method><suffix>.png``
+    per method that used the model (per baseline in a run without one), ``pas_alpha`` and
     ``head_accuracy`` when PAS was run; returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"trait_errors{suffix}.png"
@@ -262,7 +263,9 @@ def plot_run(run: Run, folder: Path, suffix: str = "") -> list[Path]:
         path = folder / f"{name}{suffix}.png"
         if plot(run, path):
             written.append(path)
-    for m in run.methods:
+    # Each method that used the model; the baselines only in a run without one (their answers
+    # are a function of the subjects' own, and trait_validity already sets them beside it).
+    for m in [m for m in run.methods if m.uses_llm] or run.methods:
         path = folder / f"confusion_{m.name}{suffix}.png"
         plot_confusion(run, m, path)
         written.append(path)
