@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from scipy import stats as sps
 from palign.config import compose
 from palign.constants import TRAITS
 from palign.errors import RunDirError
+from palign.eval.stats import paired_test
+from palign.report.markdown import comparisons
 from palign.report.results import load_run
 from palign.rundir import RunDir
 from palign.runs.runner import run
@@ -117,7 +120,7 @@ def test_score_intervals_and_paired_tests(trait_mean_30):
     assert "trait_mean is better than constant by " in report
     assert "trait_mean is worse than item_mean by " in report
     assert "| trait_mean | 30 |" in report and f"[{lo:.3f}, {hi:.3f}]" in report
-    assert "undefined item_r: undefined for every subject" in report
+    assert "item_r, item_spearman undefined: undefined for every subject (the predictions" in report
     assert {"trait_validity.png", "paired_differences.png"} <= {
         p.name for p in (out / "plots").iterdir()
     }
@@ -140,3 +143,15 @@ def test_the_summary_is_recomputed_from_the_answers_to_the_last_digit(trait_mean
     with pytest.raises(RunDirError, match="the paired tests recomputed"):
         load_run(copy)
     assert RunDir(out).read_summary() == summary
+
+
+def test_identical_scores_are_said_so_not_tested(trait_mean_30):
+    """A method answering as another on every subject (few_shot on the embedded model answers
+    "C" like constant): the report says so instead of an interval of zeros and a sample size."""
+    summary, _ = trait_mean_30
+    scores = np.array([3.0, 2.5, 4.0])
+    same = paired_test("few_shot", scores, "constant", scores)
+    other = paired_test("few_shot", scores, "item_mean", scores - 1.0)
+    text = comparisons(replace(summary, tests=[same, other], subjects_needed={"constant": 2}))
+    assert "- few_shot scores as constant on each of the 3 subjects." in text
+    assert "few_shot is worse than item_mean by 1.00" in text

@@ -106,8 +106,11 @@ def validity_table(entries: dict[str, Aggregate]) -> str:
         partly = [f"{k} on {n} of {entry.n_subjects}" for k, n in v.n.items()]
         partly = [p for p, n in zip(partly, v.n.values()) if 0 < n < entry.n_subjects]
         if undefined:
-            why = "; ".join(f"{k}: {r}" for k, r in undefined.items())
-            reasons.append(f"- {name}: undefined {why}.")
+            by_reason: dict[str, list[str]] = {}
+            for k, r in undefined.items():
+                by_reason.setdefault(r, []).append(k)
+            why = "; ".join(f"{', '.join(ks)} undefined: {r}" for r, ks in by_reason.items())
+            reasons.append(f"- {name}: {why}.")
         if partly:
             reasons.append(f"- {name}: defined for {', '.join(partly)} subjects (mean of those).")
     if len(lines) == 2:
@@ -132,6 +135,9 @@ def comparisons(summary: Summary) -> str:
         return ""
     lines = []
     for test in summary.tests:
+        if test.diff == 0 and test.p_wilcoxon is None and test.n > 1:  # identical Scores
+            lines.append(f"- {test.a} scores as {test.b} on each of the {test.n} subjects.")
+            continue
         needed = summary.subjects_needed.get(test.b)
         more = (
             f"; {needed} subjects would detect a difference of {DETECTABLE_DIFFERENCE} at 80 % "
