@@ -5,6 +5,10 @@ before the workers start, and the costliest modules handed out first."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Each worker (and the palign processes its tests start) gets its share of the cores: torch's
@@ -66,6 +70,27 @@ def result_row(case: int, method: str = "pas", **recorded) -> ResultRow:
     )
     recorded.setdefault("timing", {"align_s": 1.5, "eval_s": 0.5})
     return ResultRow.of(metrics, case, method, **recorded)
+
+
+def spawn_palign(args: list[str], stderr: int = subprocess.PIPE) -> subprocess.Popen:
+    """``python -m palign *args`` as a real process in its own session (a signal to its group
+    reaches it as ``scancel`` would), from the repository root; stderr piped as text unless
+    ``stderr`` says otherwise."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "palign", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_rows(folder: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until ``folder`` holds a result row (``*.json``), ``proc`` ends, or ``timeout`` s."""
+    deadline = time.time() + timeout
+    while not list(folder.glob("*.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
 
 
 def _papi_missing() -> str | None:

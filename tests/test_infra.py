@@ -6,8 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
-from conftest import result_row
+from conftest import result_row, spawn_palign, wait_for_rows
 from palign.config import build_method
 from palign.config.build import check_objective
 from palign.data.papi import select_subjects
@@ -158,17 +156,9 @@ def test_tensorboard_logger_records_per_subject_scores(cfg_factory):
 def test_killed_run_resumes_to_the_same_summary(cfg_factory, tmp_path, monkeypatch, capsys):
     out = tmp_path / "killed"
     args = [*TINY, "method=few_shot", "dataset.limit=4", f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "palign", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = spawn_palign(args, stderr=subprocess.DEVNULL)
     rows_dir = out / "results" / "few_shot"
-    deadline = time.time() + 300
-    while not list(rows_dir.glob("*.json")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_rows(rows_dir, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {p.name: p.read_text() for p in rows_dir.glob("*.json")}

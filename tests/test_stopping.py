@@ -17,14 +17,13 @@ import json
 import os
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from omegaconf import open_dict
 
+from conftest import spawn_palign, wait_for_rows
 from palign import cache_root
 from palign.config import compose
 from palign.errors import Stopped
@@ -256,18 +255,9 @@ def test_kill_term_ends_a_running_palign_within_seconds(tmp_path):
     """A real process, as ``scancel`` or ``docker stop`` would stop it."""
     out = tmp_path / "run"
     args = [*TINY, "method=no_change", "dataset.limit=3", f"hydra.run.dir={out}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "palign", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = spawn_palign(args)
     rows = out / "results" / "no_change"
-    deadline = time.time() + 300
-    while not list(rows.glob("*.json")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_rows(rows, proc)
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
     _, err = proc.communicate(timeout=120)
@@ -295,19 +285,9 @@ def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_pat
         "model=tiny_llama", "hardware=cpu", "method=no_change", "dataset.limit=3",
         f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "palign", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = spawn_palign(args)
     job = sweep / "0_no_change_tiny_llama"
-    rows = job / "results" / "no_change"
-    deadline = time.time() + 300
-    while not list(rows.glob("*.json")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    wait_for_rows(job / "results" / "no_change", proc)
     (controller,) = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
     (task,) = _children(controller)
     os.kill(task, signal.SIGUSR2)
