@@ -27,7 +27,6 @@ from palign.runs.tracking import RunTracker
 from test_bad_inputs import invoke
 from wandb_records import read_wandb_run, read_wandb_table
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ("model=tiny_llama", "hardware=cpu")
 
 

@@ -39,7 +39,6 @@ from test_bad_inputs import invoke
 from test_generate import _profile
 from wandb_records import read_wandb_run
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_llama", "hardware=cpu", "dataset.limit=2"]
 PAS_SETTINGS = {"top_k": 2, "folds": 2, "alphas": "[0,1]", "subject_batch": 1}
 PAS = ["method=pas", *(f"method.{k}={v}" for k, v in PAS_SETTINGS.items())]
