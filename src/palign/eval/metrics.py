@@ -48,6 +48,15 @@ def subject_metrics(
     return metrics_of(predicted, target, [it.trait for it in items], [it.key for it in items])
 
 
+def trait_mae(predicted: np.ndarray, target: np.ndarray, traits: np.ndarray) -> dict[str, float]:
+    """Per trait, the mean |predicted - target| over its items with a parsed prediction and a
+    known target; NaN where there is none. ``predicted``, ``target``: (n_items,) raw answers
+    (0 = unparsed / missing); ``traits``: (n_items,) trait letters."""
+    counted = (predicted != UNPARSED) & (target != 0)
+    err = np.abs(predicted - target)
+    return {t: _mean(err[(traits == t) & counted]) for t in TRAITS}
+
+
 def metrics_of(
     predicted: np.ndarray, target: np.ndarray, traits: Sequence[str], keys: Sequence[int]
 ) -> SubjectMetrics:
@@ -63,13 +72,11 @@ def metrics_of(
         )
     parsed = predicted != UNPARSED
     known = target != 0
-    err = np.abs(predicted - target)
     kp, kt = keyed(predicted, key), keyed(target, key)
-    mae, n_scored, model_means, subject_means = {}, {}, {}, {}
+    mae = trait_mae(predicted, target, traits)
+    n_scored, model_means, subject_means = {}, {}, {}
     for t in TRAITS:
-        sel = (traits == t) & parsed & known
-        mae[t] = _mean(err[sel])
-        n_scored[t] = int(sel.sum())
+        n_scored[t] = int(((traits == t) & parsed & known).sum())
         model_means[t] = _mean(kp[(traits == t) & parsed])
         subject_means[t] = _mean(kt[(traits == t) & known])
     validity = item_validity(predicted, target)
@@ -105,7 +112,12 @@ def best_candidate(
 ) -> tuple[int, list[float]]:
     """The index of the candidate answers (each (n_items,) raw) with the lowest Score against
     ``target``, and every candidate's Score. A NaN Score (a trait without a parsed answer)
-    ranks last; ties go to the first candidate (as the reference code's ``argmin``)."""
-    scores = [subject_metrics(p, target, items).score for p in predictions]
+    ranks last; ties go to the first candidate (as the reference code's ``argmin``). Only the
+    Score is computed (not the other metrics: this runs per candidate, fold and subject)."""
+    target, traits = np.asarray(target, dtype=np.int64), np.array([it.trait for it in items])
+    scores = [
+        float(sum(trait_mae(np.asarray(p, dtype=np.int64), target, traits).values()))
+        for p in predictions
+    ]
     finite = [s if np.isfinite(s) else np.inf for s in scores]
     return int(np.argmin(finite)), scores
