@@ -296,7 +296,7 @@ def _read(
         raise RunDirError(f"{where}: not valid JSON ({e})", fix) from None
     try:
         return record(data)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise RunDirError(f"{where}: {e}", fix) from None
 
 

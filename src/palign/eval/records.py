@@ -142,8 +142,17 @@ class ResultRow(SubjectMetrics):
 Interval = tuple[float, float]
 
 
-def _interval(x: Any) -> Interval | None:
-    return None if x is None else (float(x[0]), float(x[1]))
+def _interval(x: Any, key: str) -> Interval | None:
+    """``[lo, hi]`` from JSON (None stays None); a :class:`ValueError` naming ``key`` else."""
+    if x is None:
+        return None
+    if not isinstance(x, list | tuple) or len(x) != 2 or not all(_number(v) for v in x):
+        raise ValueError(f"{key}: not an interval [lo, hi] nor null: {x!r}")
+    return float(x[0]), float(x[1])
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 @dataclass(kw_only=True)
@@ -176,7 +185,7 @@ class Validity:
         return cls(
             item={k: Stat.from_json(record[k]) for k in ITEM_VALIDITY},
             trait_r={t: Stat.from_json(v) for t, v in record["trait_r"].items()},
-            ci={k: _interval(c) for k, c in record["ci"].items()},
+            ci={k: _interval(c, f"validity.ci.{k}") for k, c in record["ci"].items()},
             n={k: int(v) for k, v in record["n"].items()},
         )
 
@@ -259,8 +268,8 @@ class Aggregate:
         if record.get("ci") is not None:
             ci = record["ci"]
             values["ci"] = {
-                "score": _interval(ci["score"]),
-                "mae": {t: _interval(c) for t, c in ci["mae"].items()},
+                "score": _interval(ci.get("score"), "ci.score"),
+                "mae": {t: _interval(c, f"ci.mae.{t}") for t, c in (ci.get("mae") or {}).items()},
             }
         if record.get("validity") is not None:
             values["validity"] = Validity.from_json(record["validity"])
