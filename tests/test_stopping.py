@@ -17,10 +17,12 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from hydra.experimental.callback import Callback
 from omegaconf import open_dict
 
 from conftest import spawn_palign, wait_for_rows
@@ -302,6 +304,115 @@ def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_pat
     for row in done[:2]:
         assert metrics(row) == pytest.approx(metrics(reference[row.case]))
     assert not (job / RunDir.LOCK).exists()
+
+
+def test_a_job_the_scheduler_requeues_after_a_sigterm_resumes_where_it_stopped(
+    uninterrupted, tmp_path
+):
+    """A SIGTERM (a preemption under ``PreemptMode=REQUEUE``, ``scancel --signal``) stops a
+    job of submitit's local executor at its next safe point, and the job fails; SLURM then
+    starts the same job again, with the same command and environment (done here by hand). That
+    attempt resumes the job's dir: it evaluates only the subjects not done."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m", "hydra/launcher=submitit_local",
+        "hydra.launcher._target_=hydra_plugins.palign_requeue.LocalLauncher",
+        "model=tiny_llama", "hardware=cpu", "method=no_change", "dataset.limit=3",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    proc = spawn_palign(args)
+    job = sweep / "0_no_change_tiny_llama"
+    wait_for_rows(job / "results" / "no_change", proc)
+    (controller,) = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
+    (task,) = _children(controller)
+    proc_dir = Path(f"/proc/{task}")
+    command = proc_dir.joinpath("cmdline").read_bytes().decode().split("\0")[:-1]
+    env = dict(
+        e.split("=", 1) for e in proc_dir.joinpath("environ").read_bytes().decode().split("\0") if e
+    )
+    cwd = os.readlink(proc_dir / "cwd")
+    os.kill(task, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-3000:]  # the job failed: it was stopped
+    log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
+    assert "palign: stopped by SIGTERM after 1 of 3 subjects; continue with" in log, log[-3000:]
+    assert len(list((job / "results" / "no_change").glob("*.json"))) == 1
+    again = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert list((job / ".hydra").glob("resume_*")), "the second attempt did not resume"
+    done = RunDir(job).read_rows("no_change", "no_change")
+    assert [r.case for r in done] == RunDir(job).read_summary().cases and len(done) == 3
+    reference = uninterrupted["no_change"]
+    for row in done[:2]:
+        assert metrics(row) == pytest.approx(metrics(reference[row.case]))
+
+
+class SignalOnJobStart(Callback):
+    """Hydra callback: sends ``signum`` to this process when Hydra starts job ``job_num`` of a
+    sweep (before the job's task function, where no job's policy holds)."""
+
+    def __init__(self, job_num: int, signum: int):
+        self.job_num, self.signum = job_num, signum
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if config.hydra.job.num == self.job_num:
+            os.kill(os.getpid(), self.signum)
+
+
+def _signal_after_last_safe_point(monkeypatch, signum: int) -> None:
+    """Send ``signum`` while the first job summarizes its finished subjects: after its last
+    safe point."""
+    from palign.runs import runner
+
+    original, sent = runner.summarize, []
+
+    def summarize(*args, **kwargs):
+        if not sent:
+            sent.append(os.kill(os.getpid(), signum))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "summarize", summarize)
+
+
+@pytest.mark.parametrize(
+    "when, done",
+    [("between jobs", "1 job of the sweep"), ("after the last safe point", "2 of 2 subjects")],
+)
+def test_a_signal_outside_a_sweep_jobs_safe_points_stops_the_sweep(
+    when, done, tmp_path, monkeypatch, capsys
+):
+    """A sweep run in this process is under the policy from its start to its end: a signal
+    between two jobs stops it at once, and one that comes after a job's last safe point stops
+    it when that job ends; either way no further job starts, and the line's command finishes
+    the sweep."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "method=no_change,trait_mean", f"hydra.sweep.dir={sweep}"]
+    if when == "between jobs":
+        args += [
+            "+hydra.callbacks.signal._target_=test_stopping.SignalOnJobStart",
+            "+hydra.callbacks.signal.job_num=1",
+            f"+hydra.callbacks.signal.signum={int(signal.SIGTERM)}",
+        ]
+    else:
+        _signal_after_last_safe_point(monkeypatch, signal.SIGTERM)
+    capsys.readouterr()
+    assert invoke("palign", args, monkeypatch) == 143
+    line = stopped_line(capsys.readouterr().err)
+    assert line.startswith(f"palign: stopped by SIGTERM after {done}")
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[:4] == ["python", "-m", "palign", "-m"] and command[-1] == f"resume={sweep}"
+    assert (sweep / "0_no_change_tiny_llama" / "summary.json").is_file()
+    assert not (sweep / "1_trait_mean_tiny_llama" / "config.yaml").exists()  # never started
+    assert not (sweep / "0_no_change_tiny_llama" / RunDir.LOCK).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
+    monkeypatch.undo()
+    command = [a for a in command if not a.startswith("+hydra.callbacks.signal")]
+    assert invoke("palign", command[3:], monkeypatch) == 0
+    assert (
+        json.loads((sweep / "1_trait_mean_tiny_llama" / "summary.json").read_text())["n_subjects"]
+        == 2
+    )
+    assert (sweep / "sweep_table.md").is_file()
 
 
 def test_a_stopped_sweep_continues_with_the_line_it_printed(tmp_path, monkeypatch, capsys):

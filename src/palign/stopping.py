@@ -19,6 +19,10 @@ its way up (the run dir's lock, the loggers) runs as for any exception. A second
 ends). Outside :func:`stop_on_signals` (palign as a library) nothing is installed and
 :func:`check` never raises.
 
+A sweep that runs its jobs in this process (Hydra's basic launcher) holds the policy from its
+start to its end (``between_jobs``): a signal between two jobs stops it at once, one during a job
+at the job's next safe point, and no further job starts.
+
 A cluster job's scheduler may also send a *requeue* signal (submitit's SIGUSR2, sent by SLURM
 before the time limit and after the SIGTERM of a preemption): it stops the work the same way
 (never at once) and marks the stop as one to requeue; the job's entry point then hands over to
@@ -40,10 +44,12 @@ from palign.errors import Stopped
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _installed = False
+_deferred = False  # the signals stop at the next safe point (else at once)
 _requested: int | None = None
 _progress = ""
 _requeue: int | None = None  # the requeue signal while one is handled
 _requeue_seen = False
+_jobs_done = 0  # the jobs an outer block (a sweep) saw end
 
 
 def in_force() -> bool:
@@ -72,9 +78,14 @@ def check(progress: str | None = None) -> None:
 
 
 def _handle(signum: int, frame: object) -> None:
-    """The first signal is recorded; the second raises :class:`Stopped` at once and gives the
-    signals their default action back. The requeue signal is recorded, never at once."""
+    """In a block that stops at safe points, the first signal is recorded; the second raises
+    :class:`Stopped` at once and gives the signals their default action back; the requeue
+    signal is recorded, never at once. Between the jobs of an outer block (nothing is half
+    done there) a signal raises :class:`Stopped` at once."""
     global _requested, _requeue_seen
+    if not _deferred:
+        n = _jobs_done
+        raise Stopped(signum, f"{n} job{'' if n == 1 else 's'} of the sweep")
     if signum == _requeue:
         _requeue_seen = True
     if _requested is None or signum == _requeue:
@@ -86,18 +97,32 @@ def _handle(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def stop_on_signals(requeue: int | None = None) -> Iterator[None]:
+def stop_on_signals(requeue: int | None = None, *, between_jobs: bool = False) -> Iterator[None]:
     """Handle :data:`SIGNALS` (and ``requeue``, a cluster job's requeue signal) by the stop
     policy for the block; on exit the handlers that were there before are put back and the
-    request is forgotten. Nested blocks are the outer one; outside the main thread (where Python
-    installs no handler) nothing is installed."""
-    global _installed, _requested, _progress, _requeue, _requeue_seen
-    if _installed or threading.current_thread() is not threading.main_thread():
+    request is forgotten. Outside the main thread (where Python installs no handler) nothing is
+    installed.
+
+    ``between_jobs``: the block runs jobs that each hold a block of their own (a sweep's jobs
+    in this process): outside them a signal stops at once, since nothing is half done there;
+    inside one it stops at the job's next safe point, and a stop requested after the job's last
+    safe point stops the outer block as soon as the job ends (the next job does not start).
+    Any other nested block is the outer one."""
+    global _installed, _deferred, _requested, _progress, _requeue, _requeue_seen, _jobs_done
+    if threading.current_thread() is not threading.main_thread():
         yield
+        return
+    if _installed:
+        if _deferred or between_jobs:
+            yield
+            return
+        with _job():
+            yield
         return
     signals = (*SIGNALS, *([requeue] if requeue is not None else []))
     previous = {s: signal.getsignal(s) for s in signals}
     _requested, _progress, _requeue, _requeue_seen = None, "", requeue, False
+    _deferred, _jobs_done = not between_jobs, 0
     for s in signals:
         signal.signal(s, _handle)
     _installed = True
@@ -106,7 +131,23 @@ def stop_on_signals(requeue: int | None = None) -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        _installed, _requested, _progress, _requeue, _requeue_seen = False, None, "", None, False
+        _installed, _deferred, _requested, _progress = False, False, None, ""
+        _requeue, _requeue_seen, _jobs_done = None, False, 0
+
+
+@contextmanager
+def _job() -> Iterator[None]:
+    """One job inside a ``between_jobs`` block: its signals stop at its safe points."""
+    global _deferred, _requested, _progress, _jobs_done
+    _deferred, _requested, _progress = True, None, ""
+    try:
+        yield
+        pending = stopped()
+    finally:
+        _deferred, _requested, _progress = False, None, ""
+    _jobs_done += 1
+    if pending is not None:
+        raise pending
 
 
 class StopAtBatchEnd(L.Callback):

@@ -6,7 +6,8 @@ write ``.hydra/`` into it), so a refused run leaves an existing run dir as it wa
 SIGINT stops it at the next safe point with one line that says how to continue it
 (:func:`continue_command`), exit status 143 or 130. In a job submitit runs, its requeue signal
 (preemption, time limit) stops it the same way, and submitit then requeues it: the job's next
-attempt resumes its run dir (:mod:`palign.runs.requeue`).
+attempt resumes its run dir (:mod:`palign.runs.requeue`). A sweep whose jobs run in this process
+is under the policy between its jobs as well.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ from palign.stopping import stop_on_signals
 
 log = logging.getLogger("palign")
 
+#: What ``resume=`` continues, as the last job this process started saw it (a sweep's dir).
+_resume_at: str | None = None
+
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from palign.runs.runner import run
     from palign.runs.sweep import objective
 
+    global _resume_at
     requeue = _requeue_signal()
+    _resume_at = _resume_dir(cfg)
     with cli("palign", log):
         try:
             with stop_on_signals(requeue):
@@ -42,7 +48,7 @@ def app(cfg: DictConfig) -> float | None:
             if stop.requeue:  # the lock and the loggers are released: the scheduler's turn
                 print(f"palign: {stop}", file=sys.stderr, flush=True)
                 signal.getsignal(requeue)(requeue, None)  # requeues and exits
-            stop.resume = continue_command(sys.argv[1:], _resume_dir(cfg))
+            stop.resume = continue_command(sys.argv[1:], _resume_at)
             raise
 
 
@@ -68,12 +74,15 @@ def _resume_dir(cfg: DictConfig) -> str:
     return str(cfg.paths.output_dir)
 
 
-def continue_command(argv: Sequence[str], resume_dir: str) -> str:
+def continue_command(argv: Sequence[str], resume_dir: str | None) -> str:
     """The shell command that continues a stopped run: ``python -m palign`` with the same
     arguments, where it was written (``resume``, ``hydra.run.dir``, ``hydra.sweep.dir``)
-    replaced by ``resume=<resume_dir>``."""
+    replaced by ``resume=<resume_dir>``; the same command when nothing was written yet
+    (``resume_dir`` None)."""
     from palign.config.schema import hydra_value
 
+    if resume_dir is None:
+        return shlex.join(["python", "-m", "palign", *argv])
     placed = ("resume", "hydra.run.dir", "hydra.sweep.dir")
     kept = [a for a in argv if a.split("=", 1)[0].lstrip("+~") not in placed]
     return shlex.join(["python", "-m", "palign", *kept, f"resume={hydra_value(resume_dir)}"])
@@ -162,10 +171,20 @@ def _check_run_dir(argv: Sequence[str], cfg: DictConfig | None) -> None:
 def main() -> None:
     from palign.config import register_all
 
+    global _resume_at
     register_all()
+    argv, _resume_at = sys.argv[1:], None
     with cli("palign"):
-        precheck(sys.argv[1:])
-    app()
+        precheck(argv)
+        if not any(a in ("-m", "--multirun") for a in argv):
+            app()
+            return
+        try:  # the policy holds between the jobs of a sweep too (each job: app's own block)
+            with stop_on_signals(between_jobs=True):
+                app()
+        except Stopped as stop:  # between two jobs (one stopped in a job exits in app)
+            stop.resume = continue_command(argv, _resume_at or _override(argv, "resume"))
+            raise
 
 
 if __name__ == "__main__":

@@ -198,6 +198,7 @@ def evaluate_all(
             bar.update(1)
         bar.set_postfix(score=f"{np.mean([r.score for r, _ in results.values()]):.3f}")
     bar.close()
+    stopping.check(f"{len(subjects)} of {len(subjects)} subjects")  # before the next method
     rows = []
     for subject in subjects:
         row, history = results.get(subject.case, (done.get(subject.case), None))
