@@ -9,12 +9,15 @@ are stand-ins that record their arguments (`sbatch` only submits; the scripts ar
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from conftest import wait_for_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,6 +82,9 @@ def test_slurm_shards_dry_run_submits_an_array_and_a_dependent_merge():
     array, merge = done.stdout.strip().splitlines()
     assert "--array=0-15" in array and "--partition=a100" in array and "--requeue" in array
     assert "--time=02:00:00" in array and "shard_job.sh" in array and "model=llama3_8b" in array
+    # SLURM signals the batch shell 600 s before the time limit; the command execs shard_job.sh,
+    # so that the batch shell is the script that stops the run and requeues the task.
+    assert "--signal=B:USR1@600" in array and "exec\\ launchers/shard_job.sh" in array
     assert merge.startswith("sbatch --dependency=afterok:") and "palign.runs.merge" in merge
 
 
@@ -390,3 +396,47 @@ def test_quoting_helpers_give_back_every_value_exactly(value):
         assert back == value, (shell, word)
     assert _hydra_value(f"key={hydra}", "key") == value, hydra
     assert not (ROOT / "pwned").exists()
+
+
+def test_a_shard_stopped_before_its_time_limit_requeues_its_task_and_resumes(tmp_path):
+    """SLURM sends the batch shell (shard_job.sh, which the array task's command execs) SIGUSR1
+    PALIGN_SLURM_STOP_S before the time limit: the real run stops at its next safe point,
+    shard_job.sh requeues the array task with `scontrol requeue` (a stand-in that records its
+    arguments) and exits 143; the task's next start (the same script again) resumes the shard
+    and evaluates only the subjects not done."""
+    out, fakes = tmp_path / "out", tmp_path / "bin"
+    fakes.mkdir()
+    record = tmp_path / "scontrol.args"
+    (fakes / "scontrol").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{record}"\n')
+    (fakes / "scontrol").chmod(0o755)
+    env = {
+        **os.environ,
+        "PY": sys.executable,
+        "PATH": f"{fakes}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "1002",
+        "SLURM_ARRAY_JOB_ID": "1000",
+        "SLURM_ARRAY_TASK_ID": "1",
+    }
+    command = [str(ROOT / "launchers" / "shard_job.sh"), str(out), "1", "2"]
+    command += ["model=tiny_llama", "hardware=cpu", "method=no_change", "dataset.limit=40"]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    rows = out / "shards" / "1" / "results" / "no_change"
+    wait_for_rows(rows, proc)
+    proc.send_signal(signal.SIGUSR1)  # to the script only, as SLURM's --signal=B:USR1
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    done = len(list(rows.glob("*.json")))
+    assert 0 < done < 20
+    assert f"palign: stopped by SIGTERM after {done} of 20 subjects; continue with:" in err
+    assert "shard_job.sh: shard 1 stopped before the time limit; requeueing job 1000_1" in err
+    assert record.read_text().split() == ["requeue", "1000_1"]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    shard = out / "shards" / "1"
+    assert list((shard / ".hydra").glob("resume_*")), "the next start did not resume"
+    assert f"{done} finished subject(s) found" in again.stdout + again.stderr
+    summary = json.loads((shard / "summary.json").read_text())
+    assert summary["n_subjects"] == 20 and len(list(rows.glob("*.json"))) == 20
+    assert record.read_text().split() == ["requeue", "1000_1"]  # not requeued again
