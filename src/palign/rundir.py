@@ -7,6 +7,7 @@ One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
     results/<method>/<case>.json     one result row per subject (what resume reads)
     answers/<method>/<case>.csv      every answer (palign.eval.answers)
     artifacts/<method>/<case>/       what aligning produced
+    artifacts/<method>/population/   what a population method trained once per run
     results.jsonl, compare/<method>.jsonl    the rows in subject order
     summary.json                     the aggregate (palign.eval.records, as each row)
     report.md, report.html, plots/   for readers (report.html: one self-contained page)
@@ -123,8 +124,15 @@ class RunDir:
         return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
     def artifact_folders(self) -> list[Path]:
-        """Every ``artifacts/<method>/<case>/`` folder, by method then name."""
+        """Every ``artifacts/<method>/<case>/`` folder, by method then name, and the
+        ``artifacts/<method>/population/`` folder of a population method (what it trained once
+        per run)."""
         return [p for m in self.artifact_methods() for p in sorted(m.iterdir()) if p.is_dir()]
+
+    def population(self, method: str) -> Path:
+        """``artifacts/<method>/population/``: what a population method trained once per run
+        (``training_rows.csv``, ``population.json``, its adapters)."""
+        return self.artifacts(method) / "population"
 
     def artifact_files(self, name: str) -> list[Path]:
         """Every file called ``name`` in an artifact folder (e.g. ``head_accuracy.npy``)."""

@@ -186,6 +186,8 @@ METHOD_SCHEMAS = {
     "pas_schema": "palign.methods.pas.PAS",
     "dpo_schema": "palign.methods.dpo.DPO",
     "ppo_schema": "palign.methods.ppo.PPO",
+    "psoups_schema": "palign.methods.psoups.PSoups",
+    "prompt_morl_schema": "palign.methods.prompt_morl.PromptMORL",
 }
 
 

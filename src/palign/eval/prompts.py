@@ -60,6 +60,16 @@ def few_shot_system_prompt(items: Sequence[Item], answers: Sequence[int]) -> str
     return ";".join([FEW_SHOT_PREAMBLE, *pairs])
 
 
+def trait_levels_system_prompt(levels: str) -> str:
+    """Prompt-MORL's preference in the prompt: a person described by their Big Five levels
+    (``levels``: e.g. ``Agreeableness 3.2 of 5, ...``; palign's wording, as the method's papers
+    publish none for PAPI)."""
+    return (
+        "You are a person whose Big Five personality trait levels, on a scale from 1 (very low) "
+        f"to 5 (very high), are: {levels}. Answer every statement as this person would."
+    )
+
+
 class PromptRenderer:
     """Renders (system, user, assistant prefix) to text for one tokenizer.
 

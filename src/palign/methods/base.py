@@ -80,10 +80,13 @@ class Artifact:
 
 @dataclass
 class MethodContext:
-    """What the runner hands a method: the loaded data, and the scorer for LLM methods."""
+    """What the runner hands a method: the loaded data, the scorer for LLM methods, and the
+    run's folder for what a population method trains once per run (``artifacts/<method>/
+    population/``; None without a run dir)."""
 
     data: PapiData
     scorer: Scorer | None = None
+    population_dir: Path | None = None
 
 
 def setting(

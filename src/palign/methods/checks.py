@@ -150,6 +150,13 @@ def check_numbers(key: str, value: object, error: type[ConfigError] = ConfigErro
     return [float(v) for v in value]
 
 
+def path(key: str, value: object, error: type[ConfigError] = ConfigError) -> str:
+    """A non-empty path, as a string (whether it exists is checked where it is used)."""
+    if not isinstance(value, str) or not value.strip():
+        raise fail(key, value, "a folder's path", error)
+    return value
+
+
 def check_seed(key: str, value: object, error: type[ConfigError] = ConfigError) -> int:
     """A random seed: an integer >= 0 (numpy's generators refuse negative seeds)."""
     return check_int(key, value, 0, error=error)
@@ -168,6 +175,11 @@ def number(**bounds: float) -> Check:
     """A finite float within ``bounds`` (:func:`check_number`'s ``above``, ``at_least``,
     ``below``, ``at_most``)."""
     return lambda key, value, error: check_number(key, value, error=error, **bounds)
+
+
+def optional(rule: Check) -> Check:
+    """null, or a value ``rule`` allows."""
+    return lambda key, value, error: None if value is None else rule(key, value, error)
 
 
 def choice(*allowed: str) -> Check:

@@ -251,7 +251,7 @@ class DPO(LoraMethod):
 
         first, last = module.history[:k], module.history[-k:]
         return self.artifact(
-            subject,
+            subject.case,
             module.history,
             {
                 "pairs": len(data.rows),

@@ -220,19 +220,19 @@ class LoraMethod(Method):
         for p in self.lora_parameters():
             p.requires_grad_(True)
 
-    def artifact(self, subject: Subject, history: list[dict], meta: dict) -> AdapterArtifact:
-        """The subject's adapter weights and training record, copied out; the LoRA layers are then
-        reset to B = 0, so outside :meth:`align` and :meth:`answer` the shared model is the base
-        model."""
+    def artifact(self, case: int, history: list[dict], meta: dict) -> AdapterArtifact:
+        """The adapter weights and training record of ``case`` (a subject's, or the key of what
+        was trained), copied out; the LoRA layers are then reset to B = 0, so outside
+        :meth:`align` and :meth:`answer` the shared model is the base model."""
         from peft import get_peft_model_state_dict
 
         state = {
             k: v.detach().cpu().clone()
             for k, v in get_peft_model_state_dict(self.peft_model).items()
         }
-        self.reset_adapter(subject.case)
+        self.reset_adapter(case)
         return AdapterArtifact(
-            case=subject.case,
+            case=case,
             state=state,
             model=self.context.scorer.loaded.name,
             lora=self.lora,
@@ -257,10 +257,10 @@ class LoraMethod(Method):
             **settings,
         )
 
-    def prompt_ids(self, item: Item) -> list[int]:
-        """The item prompt with the assistant turn opened (no prefill)."""
+    def prompt_ids(self, item: Item, system: str = NEUTRAL_SYSTEM_PROMPT) -> list[int]:
+        """The item prompt under ``system`` with the assistant turn opened (no prefill)."""
         return self.renderer.encode(
-            self.renderer.render(NEUTRAL_SYSTEM_PROMPT, self.context.scorer.question(item))
+            self.renderer.render(system, self.context.scorer.question(item))
         )
 
     def answer(self, subject: Subject, artifact: AdapterArtifact, items: Sequence[Item]) -> Answers:

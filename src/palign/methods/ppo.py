@@ -277,40 +277,56 @@ class PPO(LoraMethod):
         self.eos_ids = eos_ids(context.scorer.loaded)
 
     def align(self, subject: Subject, items: Sequence[Item]) -> AdapterArtifact:
-        self.reset_adapter(subject.case)
         answers = subject.answers([it.number for it in items])
         answered = [i for i, a in enumerate(answers) if a != 0]
-        prompts = [self.prompt_ids(items[i]) + self._prefix_ids() for i in answered]
-        module = PPOModule(self, prompts, [int(answers[i]) for i in answered])
-        rng = np.random.default_rng([self.seed, subject.case])
+        history, seconds = self.train(
+            [items[i] for i in answered],
+            [int(answers[i]) for i in answered],
+            subject.case,
+            f"{self.name} case {subject.case}",
+        )
+        return self.artifact(subject.case, history, self.reward_summary(history, seconds))
+
+    def train(
+        self, items: Sequence[Item], targets: Sequence[int], key: int, label: str
+    ) -> tuple[list[dict[str, float]], float]:
+        """PPO of a freshly reset adapter (seeded by the run seed and ``key``: a subject's case)
+        towards the raw answers ``targets`` to ``items``, ``steps`` steps of ``batch_size``
+        items drawn without replacement; the adapter stays trained. Returns the per-step history
+        and the seconds it took."""
+        self.reset_adapter(key)
+        prompts = [self.prompt_ids(it) + self._prefix_ids() for it in items]
+        module = PPOModule(self, prompts, [int(t) for t in targets])
+        rng = np.random.default_rng([self.seed, key])
         batches = [
             torch.from_numpy(
                 rng.choice(len(prompts), size=min(self.batch_size, len(prompts)), replace=False)
             )
             for _ in range(self.steps)
         ]
-        torch.manual_seed(self.seed * 1_000_003 + subject.case)
+        torch.manual_seed(self.seed * 1_000_003 + key)
         start = time.perf_counter()
-        trainer = self.trainer(self.steps, f"{self.name} case {subject.case}", max_epochs=1)
+        trainer = self.trainer(self.steps, label, max_epochs=1)
         # One pre-drawn batch of row indices per step. A DataLoader that yields them as they are:
         # Lightning would take a bare list as one dataloader per element and zip them, making a
         # step's rows the first row of every batch (``steps`` rows instead of ``batch_size``).
         with dropout_disabled(self.peft_model):  # old and new log-probs: the same computation
             trainer.fit(module, DataLoader(batches, batch_size=None))
         self.peft_model.eval()
-        rewards = [h["reward"] for h in module.history]
+        return module.history, time.perf_counter() - start
+
+    def reward_summary(self, history: list[dict[str, float]], seconds: float) -> dict:
+        """What a training's record keeps: steps, mean reward over the first and the last
+        quarter of the steps, the last KL, and the training time."""
+        rewards = [h["reward"] for h in history]
         k = max(1, len(rewards) // 4)
-        return self.artifact(
-            subject,
-            module.history,
-            {
-                "steps": self.steps,
-                "reward_first": float(np.mean(rewards[:k])),
-                "reward_last": float(np.mean(rewards[-k:])),
-                "kl_last": module.history[-1]["kl"],
-                "timing": {"train_s": time.perf_counter() - start},
-            },
-        )
+        return {
+            "steps": self.steps,
+            "reward_first": float(np.mean(rewards[:k])),
+            "reward_last": float(np.mean(rewards[-k:])),
+            "kl_last": history[-1]["kl"],
+            "timing": {"train_s": seconds},
+        }
 
     def _prefix_ids(self) -> list[int]:
         return (

@@ -261,7 +261,11 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
             precision=cfg.hardware.precision,
         )
     meter = scorer.loaded.meter if scorer else None
-    setup_cost = {method.name: setup(method, MethodContext(data=data, scorer=scorer), meter)}
+
+    def context(m: Method) -> MethodContext:
+        return MethodContext(data=data, scorer=scorer, population_dir=run_dir.population(m.name))
+
+    setup_cost = {method.name: setup(method, context(method), meter)}
     tracker = RunTracker.from_config(cfg, method.name, run_dir)
     ok = False
     try:
@@ -282,7 +286,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
         notes = method.notes(rows[method.name])
         method.teardown()
         for other in others:  # one at a time: each may change the shared model
-            setup_cost[other.name] = setup(other, MethodContext(data=data, scorer=scorer), meter)
+            setup_cost[other.name] = setup(other, context(other), meter)
             rows[other.name] = evaluate(other)
             notes += other.notes(rows[other.name])
             other.teardown()
