@@ -31,6 +31,8 @@ from palign.methods import (
 from palign.methods.dpo import DPO
 from palign.methods.pas import PAS
 from palign.methods.ppo import PPO
+from palign.methods.prompt_morl import PromptMORL
+from palign.methods.psoups import PSoups
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "own_method"
@@ -56,6 +58,8 @@ METHOD_CLASSES = {
     "constant": Constant,
     **dict.fromkeys(["dpo", "dpo_cpu", "dpo_smoke"], DPO),
     **dict.fromkeys(["ppo", "ppo_cpu", "ppo_smoke"], PPO),
+    **dict.fromkeys(["psoups", "psoups_cpu", "psoups_smoke"], PSoups),
+    **dict.fromkeys(["prompt_morl", "prompt_morl_cpu", "prompt_morl_smoke"], PromptMORL),
     "pas": PAS,
     "few_shot": FewShot,
     "item_mean": ItemMean,

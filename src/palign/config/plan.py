@@ -53,6 +53,8 @@ def plan(cfg: DictConfig, check_hardware: bool = True) -> Plan:
     method, others = build_methods(cfg)
     check_objective(cfg, method)
     out = Plan(data, subjects, method, others)
+    for m in out.methods:
+        m.check_inputs(data, str(cfg.model.name) if m.uses_llm else "")
     if check_hardware and out.uses_llm:
         check_device(cfg.hardware.device)
     return out

@@ -176,6 +176,11 @@ class Method(ABC):
         for f in fields(self.settings):
             setattr(self, f.name, getattr(self.settings, f.name))
 
+    def check_inputs(self, data: PapiData, model: str) -> None:
+        """What the method can check before any work, beyond its settings, given the data and
+        the model's name (e.g. a population's rows, a folder of an earlier run): a bad input
+        raises one error line, before the run dir is made or the model loaded."""
+
     def setup(self, context: MethodContext) -> None:
         self.context = context
 

@@ -208,7 +208,7 @@ class PopulationStore:
         shutil.copytree(self.path, folder)
 
 
-def check_store(path: Path, model: str) -> dict:
+def check_store(path: Path | str, model: str) -> dict:
     """The ``population.json`` of a population folder given by the user (``method.
     population_from``), checked: it exists, and it was trained on ``model``."""
     info_path = Path(path) / PopulationStore.INFO

@@ -121,6 +121,12 @@ class PromptMORL(LoraMethod):
     name = "prompt_morl"
     Settings = PromptMORLSettings
 
+    def check_inputs(self, data, model: str) -> None:
+        if self.population_from is not None:
+            check_store(self.population_from, model)
+        else:
+            population_rows(data, self.population_size, self.seed)  # not empty
+
     def setup(self, context: MethodContext) -> None:
         super().setup(context)
         loaded = context.scorer.loaded

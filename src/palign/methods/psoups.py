@@ -109,6 +109,10 @@ class PSoups(PPO):
     name = "psoups"
     Settings = PSoupsSettings
 
+    def check_inputs(self, data, model: str) -> None:
+        if self.population_from is not None:
+            check_store(self.population_from, model)
+
     def setup(self, context: MethodContext) -> None:
         super().setup(context)
         loaded = context.scorer.loaded

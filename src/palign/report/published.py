@@ -45,7 +45,17 @@ PAPER_METHOD: dict[str, str] = {
     "ppo": "PPO",
     "ppo_cpu": "PPO",
     "ppo_smoke": "PPO",
+    "psoups": "Personalized-Soups",
+    "psoups_cpu": "Personalized-Soups",
+    "psoups_smoke": "Personalized-Soups",
+    "prompt_morl": "Prompt-MORL",
+    "prompt_morl_cpu": "Prompt-MORL",
+    "prompt_morl_smoke": "Prompt-MORL",
 }
+
+#: Methods of the paper's Table 1 whose numbers palign's sources do not give: their paper cells
+#: say "not published".
+UNPUBLISHED = ("Personalized-Soups", "Prompt-MORL")
 
 #: palign model config name -> the paper's model.
 PAPER_MODEL: dict[str, str] = {

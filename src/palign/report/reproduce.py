@@ -31,7 +31,7 @@ from palign.eval.records import Aggregate
 from palign.report.html import write_page
 from palign.report.markdown import comparisons, fmt, interval, stat
 from palign.report.plots import plot_run
-from palign.report.published import PAPER_METHOD, PAPER_MODEL, TABLE1
+from palign.report.published import PAPER_METHOD, PAPER_MODEL, TABLE1, UNPUBLISHED
 from palign.report.results import ReproduceError, Run, load_run
 
 #: Paper's training steps per subject for DPO and PPO (250), shown beside palign's.
@@ -101,7 +101,10 @@ def _section(run: Run) -> str:
             f"{100 * m.entry.unk_rate:.1f}%",
         ]
         if run.paper_model:
-            cells.append(f"{paper.score:.2f} (no interval given)" if paper is not None else "")
+            if paper is not None:
+                cells.append(f"{paper.score:.2f} (no interval given)")
+            else:
+                cells.append("not published" if PAPER_METHOD.get(m.name) in UNPUBLISHED else "")
         table.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(table) + "\n" + comparisons(run.summary)
 
@@ -120,7 +123,11 @@ def _published_section() -> str:
         "## The paper's Table 1 (published numbers, not palign's)\n\n"
         "Per-trait MAE and Score as printed in the paper, under its own protocol (which "
         "`protocol=paper` follows); per-trait values are given only where listed. palign's "
-        f"model configs for the paper's models: {models}.\n\n" + "\n".join(lines) + "\n"
+        f"model configs for the paper's models: {models}. The table also has "
+        f"{' and '.join(UNPUBLISHED)} (palign's `psoups`, `prompt_morl`), whose numbers are not "
+        "given in the sources palign draws on: their paper cells say *not published*.\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
 
 
