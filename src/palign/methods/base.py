@@ -180,6 +180,7 @@ class Method(ABC):
         """What the method can check before any work, beyond its settings, given the data and
         the model's name (e.g. a population's rows, a folder of an earlier run): a bad input
         raises one error line, before the run dir is made or the model loaded."""
+        return None
 
     def setup(self, context: MethodContext) -> None:
         self.context = context
