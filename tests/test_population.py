@@ -220,3 +220,19 @@ def test_experts_from_another_model_are_refused_before_any_training(population_r
         check_store(folder, "llama3_8b")
     with pytest.raises(ConfigError, match="no population.json there"):
         check_store(folder.parent, "tiny_llama")
+
+
+def test_the_population_training_curves_reach_the_logger_on_their_own_axes(population_runs):
+    """Each expert's PPO curve and the shared adapter's loss go to the run's CSV log, each part
+    counting its own steps (``<method>/population/<part>/step``)."""
+    _, rd = population_runs["first"]
+    (log,) = rd.path.glob("csv/**/metrics.csv")
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for name in expert_names():
+        step = f"psoups_smoke/population/{name}/step"
+        steps = [int(float(r[step])) for r in rows if r.get(step)]
+        rewards = [r[f"psoups_smoke/population/{name}/reward"] for r in rows if r.get(step)]
+        assert steps == [1, 2] and all(rewards)
+    step = "prompt_morl_smoke/population/adapter/step"
+    assert [int(float(r[step])) for r in rows if r.get(step)] == [1, 2]

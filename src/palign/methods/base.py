@@ -189,6 +189,11 @@ class Method(ABC):
     def align(self, subject: Subject, items: Sequence[Item]) -> Artifact:
         """Fit to ``subject``'s answers on ``items`` (the alignment items only)."""
 
+    def population_curves(self) -> dict[str, list[dict[str, float]]]:
+        """What a population method trained once per run, by part (an expert's name, ``adapter``):
+        its training curve, one dict per optimiser step, for the run's logger. None trained: {}."""
+        return {}
+
     def teardown(self) -> None:
         """Undo what :meth:`setup` changed in shared objects (e.g. adapter layers in the model)."""
         return None

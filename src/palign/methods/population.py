@@ -208,6 +208,15 @@ class PopulationStore:
         shutil.copytree(self.path, folder)
 
 
+def curves(folder: Path) -> dict[str, list[dict[str, float]]]:
+    """The training curve (``train_history.json``) of each adapter a population folder holds,
+    by its folder's name (``A+``, ..., or ``adapter``)."""
+    return {
+        history.parent.name: json.loads(history.read_text(encoding="utf-8"))
+        for history in sorted(Path(folder).glob("**/train_history.json"))
+    }
+
+
 def check_store(path: Path | str, model: str) -> dict:
     """The ``population.json`` of a population folder given by the user (``method.
     population_from``), checked: it exists, and it was trained on ``model``."""

@@ -46,6 +46,7 @@ from palign.methods.population import (
     PopulationStore,
     TrainingRow,
     check_store,
+    curves,
     digest,
     levels_text,
     model_key,
@@ -144,6 +145,7 @@ class PromptMORL(LoraMethod):
             self.population = store.load_or_train(rows, lambda f: self._train(f, rows))
             folder = store.path
             store.copy_to(context.population_dir)
+        self.folder = folder
         self.adapter = AdapterArtifact.load(folder / "adapter")
 
     def _examples(self, rows: Sequence[TrainingRow]) -> Examples:
@@ -202,6 +204,9 @@ class PromptMORL(LoraMethod):
         }
         self.artifact(0, module.history, record).save(folder / "adapter")
         return {"model": model_key(self.context.scorer.loaded), "adapter": record}
+
+    def population_curves(self) -> dict[str, list[dict[str, float]]]:
+        return curves(self.folder)
 
     def align(self, subject: Subject, items: Sequence[Item]) -> PromptArtifact:
         levels = trait_levels(subject, items)

@@ -37,6 +37,7 @@ from palign.methods.population import (
     PopulationStore,
     TrainingRow,
     check_store,
+    curves,
     digest,
     expert_names,
     extreme_answers,
@@ -131,6 +132,7 @@ class PSoups(PPO):
             self.population = store.load_or_train(rows, self._train_experts)
             folder = store.path
             store.copy_to(context.population_dir)
+        self.folder = folder
         self._load_experts(folder, loaded.name)
 
     def training_rows(self) -> list[TrainingRow]:
@@ -180,6 +182,9 @@ class PSoups(PPO):
             set_peft_model_state_dict(self.peft_model, expert.state, adapter_name=name)
         self.peft_model.set_adapter("default")
         self.peft_model.eval()
+
+    def population_curves(self) -> dict[str, list[dict[str, float]]]:
+        return curves(self.folder)
 
     def align(self, subject: Subject, items: Sequence[Item]) -> SoupArtifact:
         levels = trait_levels(subject, items)

@@ -270,6 +270,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
     ok = False
     try:
         tracker.hyperparams(cfg)
+        tracker.population(method.name, method.population_curves())
 
         def evaluate(m: Method) -> list[ResultRow]:
             return evaluate_all(
@@ -287,6 +288,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
         method.teardown()
         for other in others:  # one at a time: each may change the shared model
             setup_cost[other.name] = setup(other, context(other), meter)
+            tracker.population(other.name, other.population_curves())
             rows[other.name] = evaluate(other)
             notes += other.notes(rows[other.name])
             other.teardown()

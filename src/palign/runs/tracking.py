@@ -9,6 +9,9 @@ them against those (``run.define_metric(key, step_metric=...)``):
   method's per-subject metrics ``<method>/score``, ``<method>/mae_<trait>``, ``<method>/case``, ...;
 - ``<method>/train/step`` (1, 2, 3, ... one per optimiser step, counting on across subjects) is
   the x-axis of its training curves ``<method>/train/<name>``;
+- ``<method>/population/<part>/step`` (one per optimiser step) is the x-axis of what a population
+  method trained once per run, ``<method>/population/<part>/<name>`` (``<part>``: an expert such
+  as ``A+``, or ``adapter``);
 - ``summary/...`` keeps the logger's default axis.
 
 The counters are logged to every logger (CSV and TensorBoard get them as columns or scalars).
@@ -42,8 +45,9 @@ from palign.rundir import RunDir, write_atomic
 
 log = logging.getLogger("palign")
 
-#: A counter column of the CSV log: ``<method>/subject`` or ``<method>/train/step``.
-_COUNTER = re.compile(r"^[^/]+/(subject|train/step)$")
+#: A counter column of the CSV log: ``<method>/subject``, ``<method>/train/step`` or
+#: ``<method>/population/<part>/step``.
+_COUNTER = re.compile(r"^[^/]+/(subject|train/step|population/[^/]+/step)$")
 
 #: Columns of the per-subject table (W&B Table and sweep tables alike).
 ROW_COLUMNS = ["method", "case", *TRAITS, "score", "unk_rate", "align_s", "eval_s"]
@@ -268,6 +272,15 @@ class RunTracker:
             },
             axis=subject,
         )
+
+    def population(self, method: str, curves: dict[str, Sequence[dict]]) -> None:
+        """The training curves of what ``method`` trained once per run, each part (an expert,
+        the shared adapter) on its own axis ``<method>/population/<part>/step``."""
+        for part, history in curves.items():
+            step = f"{method}/population/{part}/step"
+            for entry in history:
+                values = {f"{method}/population/{part}/{k}": float(v) for k, v in entry.items()}
+                self._log({**values, **self._tick(step)}, axis=step)
 
     def summary(self, summary: Summary, rows: Sequence[ResultRow], run_dir: RunDir) -> None:
         """Run-level results: ``summary/<method>/...`` for the main, compared and baseline
