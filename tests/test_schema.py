@@ -30,6 +30,7 @@ from palign.methods import (
 )
 from palign.methods.dpo import DPO
 from palign.methods.pas import PAS
+from palign.methods.pas_soup import PASSoup
 from palign.methods.ppo import PPO
 from palign.methods.prompt_morl import PromptMORL
 from palign.methods.psoups import PSoups
@@ -61,6 +62,7 @@ METHOD_CLASSES = {
     **dict.fromkeys(["psoups", "psoups_cpu", "psoups_smoke"], PSoups),
     **dict.fromkeys(["prompt_morl", "prompt_morl_cpu", "prompt_morl_smoke"], PromptMORL),
     "pas": PAS,
+    **dict.fromkeys(["pas_soup", "pas_soup_smoke"], PASSoup),
     "few_shot": FewShot,
     "item_mean": ItemMean,
     "no_change": NoChange,

@@ -184,6 +184,7 @@ METHOD_SCHEMAS = {
     "method_schema": "palign.methods.base.Method",
     "constant_schema": "palign.methods.statistical.Constant",
     "pas_schema": "palign.methods.pas.PAS",
+    "pas_soup_schema": "palign.methods.pas_soup.PASSoup",
     "dpo_schema": "palign.methods.dpo.DPO",
     "ppo_schema": "palign.methods.ppo.PPO",
     "psoups_schema": "palign.methods.psoups.PSoups",

@@ -113,6 +113,19 @@ def redefault(settings: type[MethodSettings], name: str, default: Any) -> Any:
     return setting(default, inherited["help"], inherited["check"], inherited["follows"])
 
 
+def shared(settings: type[MethodSettings], name: str, **changes: Any) -> Any:
+    """The field ``name`` of another method's ``settings`` (its default, help, check and the
+    key it follows), for a method that shares the setting without subclassing the settings;
+    ``changes`` replace some of them (``help=...``)."""
+    f = settings.__dataclass_fields__[name]
+    values = {
+        "default": settings.default_of(f),
+        **{k: f.metadata[k] for k in ("help", "check", "follows")},
+        **changes,
+    }
+    return setting(**values)
+
+
 @dataclass
 class MethodSettings:
     """A method's settings (none here: subclasses add fields made with :func:`setting`).

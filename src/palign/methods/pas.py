@@ -230,9 +230,16 @@ class PAS(Method):
     # --- set-up: activations shared by all subjects ------------------------------------------
 
     def setup(self, context: MethodContext) -> None:
+        self.attach(context)
+        self.load_activations()
+
+    def attach(self, context: MethodContext) -> None:
+        """What scoring under shifts needs, without a forward: the context, the model's heads
+        and the alignment items, the settings checked against them (also used by
+        :class:`~palign.methods.pas_soup.PASSoup`, which fits only when its cache lacks the
+        experts)."""
         super().setup(context)
-        scorer = context.scorer
-        self.layout = head_layout(scorer.loaded.model)
+        self.layout = head_layout(context.scorer.loaded.model)
         self.items = context.data.inventory.train_items
         if self.selection == "alignment_items" and self.folds > len(self.items):
             raise fail(
@@ -241,14 +248,7 @@ class PAS(Method):
                 f"an integer in 2..{len(self.items)} (the alignment items)",
                 PASError,
             )
-        start = time.perf_counter()
-        acts = contrastive_activations(scorer, self.layout, self.items, shape=self.contrastive)
-        self.activation_s = time.perf_counter() - start
-        n_layers, n_heads, dim = self.layout.shape
-        device = scorer.loaded.device
-        self.x = acts.reshape(2 * len(self.items), n_layers * n_heads, dim).to(device)
-        self.item_of_row = np.repeat(np.arange(len(self.items)), 2)
-        self.trait_of_row = np.array([TRAITS.index(it.trait) for it in self.items]).repeat(2)
+        n_layers, n_heads, _ = self.layout.shape
         first, last = self.layers or (0, n_layers)
         if not 0 <= first < last <= n_layers:
             raise PASError(f"method.layers={list(self.layers)} is not a range within 0..{n_layers}")
@@ -258,6 +258,19 @@ class PAS(Method):
             raise PASError(
                 f"method.top_k={self.top_k} exceeds the {int(self.allowed.sum())} candidate heads"
             )
+
+    def load_activations(self) -> None:
+        """What the probes fit on: every head's contrastive activations (forwards unless
+        cached), as rows ``(2 * items, layers * heads, head_dim)`` on the model's device."""
+        scorer = self.context.scorer
+        start = time.perf_counter()
+        acts = contrastive_activations(scorer, self.layout, self.items, shape=self.contrastive)
+        self.activation_s = time.perf_counter() - start
+        n_layers, n_heads, dim = self.layout.shape
+        device = scorer.loaded.device
+        self.x = acts.reshape(2 * len(self.items), n_layers * n_heads, dim).to(device)
+        self.item_of_row = np.repeat(np.arange(len(self.items)), 2)
+        self.trait_of_row = np.array([TRAITS.index(it.trait) for it in self.items]).repeat(2)
 
     # --- fitting ---------------------------------------------------------------------------
 

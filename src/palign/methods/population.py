@@ -107,6 +107,21 @@ def expert_names() -> list[str]:
     return [f"{t}{end}" for t in TRAITS for end in "+-"]
 
 
+def expert_rows(items: Sequence[Item]) -> list[TrainingRow]:
+    """What the ten experts are fitted to (:func:`expert_names` order): each trait's items among
+    ``items`` (the alignment items) with the extreme answers (:func:`extreme_answers`), source
+    ``expert <name>``; no person's answer (``case`` None)."""
+    rows = []
+    for name in expert_names():
+        mine = [it for it in items if it.trait == name[0]]
+        targets = extreme_answers(mine, high=name[1] == "+")
+        rows += [
+            TrainingRow(None, it.number, int(t), f"expert {name}")
+            for it, t in zip(mine, targets, strict=True)
+        ]
+    return rows
+
+
 def soup_weights(levels: Sequence[float], normalize: str = "all") -> dict[str, float]:
     """Each expert's weight for trait levels (5,) on 1..5: ``(level - 1) / 4`` on the trait's
     high expert, the rest on its low one; divided by 5 with ``normalize="all"`` (all ten sum to

@@ -40,7 +40,7 @@ from palign.methods.population import (
     curves,
     digest,
     expert_names,
-    extreme_answers,
+    expert_rows,
     model_key,
     soup_weights,
     trait_levels,
@@ -138,15 +138,7 @@ class PSoups(PPO):
     def training_rows(self) -> list[TrainingRow]:
         """What the experts train on: each trait's alignment items with the extreme answers
         (no person's answer: ``case`` empty)."""
-        rows = []
-        for name in expert_names():
-            items = [it for it in self.items if it.trait == name[0]]
-            targets = extreme_answers(items, high=name[1] == "+")
-            rows += [
-                TrainingRow(None, it.number, int(t), f"expert {name}")
-                for it, t in zip(items, targets, strict=True)
-            ]
-        return rows
+        return expert_rows(self.items)
 
     def _train_experts(self, folder: Path) -> dict:
         """Train the ten experts one after another into ``folder/experts/<name>/``."""
