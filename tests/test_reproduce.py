@@ -30,9 +30,20 @@ LLM_ROWS = (
     "personality_prompt",
     "dpo_smoke (2 steps)",
     "ppo_smoke (2 steps)",
+    "psoups_smoke",
+    "prompt_morl_smoke",
 )
 BASELINE_ROWS = ("constant (no LLM)", "trait_mean (no LLM)", "item_mean (no LLM)")
-METHODS = ("pas", "no_change", "few_shot", "personality_prompt", "dpo_smoke", "ppo_smoke")
+METHODS = (
+    "pas",
+    "no_change",
+    "few_shot",
+    "personality_prompt",
+    "dpo_smoke",
+    "ppo_smoke",
+    "psoups_smoke",
+    "prompt_morl_smoke",
+)
 BASELINES = ("constant", "trait_mean", "item_mean")
 PLOTS = (
     "trait_errors",
@@ -168,7 +179,7 @@ def test_csv_round_trips_the_summaries(smoke, tmp_path):
     )
     with open(tmp_path / "table.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 9
+    assert len(rows) == len(PROTOCOLS) * (len(METHODS) + len(BASELINES))
     for protocol in PROTOCOLS:
         summary = _summary(smoke / protocol)
         entries = {"pas": summary, **summary["compare"], **summary["baselines"]}
@@ -206,6 +217,8 @@ def test_a_paper_model_run_gets_the_published_numbers_beside_it(smoke, tmp_path)
         "personality_prompt": "",
         "dpo_smoke (2 steps)": published("7.45"),
         "ppo_smoke (2 steps)": published("7.62"),
+        "psoups_smoke": "not published",
+        "prompt_morl_smoke": "not published",
         **{b: "" for b in BASELINE_ROWS},
     }
     with open(tmp_path / "out" / "table.csv", newline="") as f:
