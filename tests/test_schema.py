@@ -50,6 +50,7 @@ GROUP_SCHEMAS = {
         ),
         "smollm2_135m": schema.GGUFModelConfig,
         "tiny_llama": schema.RandomModelConfig,
+        "openai": schema.HostedModelConfig,
     },
 }
 
