@@ -21,7 +21,7 @@ from palign.errors import ConfigError
 from palign.eval.scoring import ScoringConfig, check_scoring
 from palign.methods.base import Method
 from palign.methods.prompting import PromptMethod
-from palign.models.hosted import check_api_key, hosted_settings, is_hosted
+from palign.models.hosted import check_api_key, check_client, hosted_settings, is_hosted
 from palign.models.loading import torch_dtype
 from palign.models.placement import check_device, check_device_form, check_precision
 
@@ -87,6 +87,7 @@ def check_hosted_methods(cfg: DictConfig, checked: Plan) -> None:
                 "personality_prompt)"
             )
     if checked.uses_llm:
+        check_client()
         check_api_key(hosted_settings(OmegaConf.to_container(cfg.model, resolve=True)))
 
 

@@ -190,6 +190,17 @@ def api_key(settings: HostedSettings) -> str | None:
     return os.environ.get(settings.api_key_env) or None
 
 
+def check_client() -> None:
+    """The ``openai`` package (a dependency of palign) is importable; else one error line."""
+    import importlib.util
+
+    if importlib.util.find_spec("openai") is None:
+        raise ModelError(
+            "model=openai talks to the API through the openai package, which is not installed: "
+            "pip install 'openai>=1.40' (or reinstall palign)"
+        )
+
+
 def check_api_key(settings: HostedSettings) -> None:
     """OpenAI's own API needs a key: refused before any work when ``$<api_key_env>`` is unset.
     (A local server usually needs none: it gets the placeholder ``EMPTY``.)"""
@@ -302,6 +313,7 @@ class HostedModel:
     name of it (reports, rows); ``meter``: what it cost (:class:`HostedMeter`)."""
 
     def __init__(self, settings: HostedSettings, cache_dir: str | os.PathLike | None = None):
+        check_client()
         from openai import DefaultHttpxClient, OpenAI
 
         self.settings = settings
@@ -309,6 +321,16 @@ class HostedModel:
         self.meter = HostedMeter()
         key = api_key(settings)
         self._secrets = [key] if key else []
+        if (
+            key
+            and settings.api_key_env == "OPENAI_API_KEY"
+            and "api.openai.com" not in (settings.base_url)
+        ):
+            log.warning(
+                "sending $OPENAI_API_KEY to %s; set model.api_key_env=null (or the server's own "
+                "variable) if it needs none",
+                settings.base_url,
+            )
         self.cache = ResponseCache(cache_root(cache_dir) / "hosted") if settings.cache else None
         self._cond = threading.Condition()
         self._stop = threading.Event()
