@@ -51,6 +51,7 @@ GROUP_SCHEMAS = {
         ),
         "smollm2_135m": schema.GGUFModelConfig,
         "tiny_llama": schema.RandomModelConfig,
+        "openai": schema.HostedModelConfig,
     },
 }
 

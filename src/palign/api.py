@@ -36,10 +36,13 @@ from palign import CONF_DIR
 from palign.config import build, build_method, compose, with_settings
 from palign.data.papi import PapiData, Subject, load_papi, select_subjects
 from palign.errors import ArtifactError, ConfigError
+from palign.eval.hosted import HostedScorer
 from palign.eval.metrics import SubjectMetrics
 from palign.eval.records import ResultRow
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import Artifact, Method, MethodContext
+from palign.methods.prompting import PromptMethod
+from palign.models.hosted import HostedModel
 from palign.models.loading import LoadedModel
 from palign.models.placement import check_precision
 from palign.pas.profile import PASProfile
@@ -113,12 +116,16 @@ def load_data(root: str | os.PathLike | None = None, protocol: str = "clean") ->
     return load_papi(root if root is not None else cfg.dataset.root, coding=cfg.protocol.coding)
 
 
-def load_model(name: str = "smollm2_135m", *, hardware: str = "cpu", **overrides) -> LoadedModel:
+def load_model(
+    name: str = "smollm2_135m", *, hardware: str = "cpu", **overrides
+) -> LoadedModel | HostedModel:
     """The model of ``conf/model/<name>.yaml`` on ``hardware`` (``conf/hardware/``: cpu, gpu,
     multi_gpu: its device, dtype and environment), with ``overrides`` of the model config's
     settings (e.g. ``device="cuda:1"``, ``dtype="float32"``, tiny_llama's ``seed=3``). As the
     CLI, the hardware's ``env`` variables are set unless already set. Returns the model in eval
-    mode with its tokenizer and ``name``."""
+    mode with its tokenizer and ``name``; for ``openai`` (a model served over an API, e.g.
+    ``load_model("openai", base_url="http://localhost:8000/v1", model="my-model")``) a
+    :class:`~palign.models.hosted.HostedModel`."""
     cfg = _compose(model=name, hardware=hardware)
     _override(cfg, "model", overrides, f"model {name}")
     for key, value in (cfg.hardware.get("env") or {}).items():
@@ -131,14 +138,25 @@ def _hardware_of(model: LoadedModel) -> str:
 
 
 def scorer(
-    model: LoadedModel, protocol: str = "clean", *, hardware: str | None = None, **overrides
-) -> Scorer:
+    model: LoadedModel | HostedModel,
+    protocol: str = "clean",
+    *,
+    hardware: str | None = None,
+    **overrides,
+) -> Scorer | HostedScorer:
     """A :class:`Scorer` answering items with ``model`` as the CLI's would: config.yaml's
     ``scoring`` resolved under ``protocol`` (clean: logit scoring; paper: greedy generation
     parsed by the reference's rule) and ``hardware`` (batch size, Lightning precision; None:
     ``gpu`` for a model on a CUDA device, else ``cpu``), with ``overrides`` of its settings
     (:class:`~palign.eval.scoring.ScoringConfig`'s fields, e.g. ``batch_size=4``,
-    ``mode="generate"``)."""
+    ``mode="generate"``). A hosted model gets a :class:`~palign.eval.hosted.HostedScorer`
+    (prompting methods only)."""
+    if isinstance(model, HostedModel):  # api.load_model("openai", base_url=...)
+        cfg = _compose(protocol=protocol, hardware=hardware or "cpu")
+        _override(cfg, "scoring", overrides, "scorer")
+        return HostedScorer(
+            model, ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True))
+        )
     cfg = _compose(protocol=protocol, hardware=hardware or _hardware_of(model))
     _override(cfg, "scoring", overrides, "scorer")
     config = ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True))
@@ -171,6 +189,11 @@ def method(
         raise ConfigError(
             f"method {name} answers with the LLM: pass a scorer "
             "(api.method(name, data, api.scorer(api.load_model(...))))"
+        )
+    if built.uses_llm and isinstance(scorer, HostedScorer) and not isinstance(built, PromptMethod):
+        raise ConfigError(
+            f"method {name} needs the model's weights; a model served over an API serves only "
+            "prompting methods (no_change, few_shot, personality_prompt)"
         )
     built.setup(MethodContext(data=data, scorer=scorer if built.uses_llm else None))
     return built

@@ -311,7 +311,12 @@ def _read(
 # --- resume ---------------------------------------------------------------------------------
 
 #: Config keys that may differ between a run and its resumption (where and how it is logged).
-RESUME_FREE_KEYS = ("paths", "resume", "logger", "hardware", "task_name", "save_artifacts")
+RESUME_FREE_KEYS = (
+    "paths", "resume", "logger", "hardware", "task_name", "save_artifacts",
+    # a hosted model's caps and transport: they change no answer (the cache holds those sent)
+    "model.max_requests", "model.max_cost", "model.max_concurrency", "model.max_retries",
+    "model.timeout_s", "model.api_key_env", "model.cache",
+)  # fmt: skip
 
 
 def check_resume(cfg: DictConfig, run_dir: RunDir) -> None:

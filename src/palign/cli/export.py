@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from palign.errors import ConfigError, cli
+from palign.models.hosted import is_hosted
 from palign.pas.export import export_profile
 from palign.pas.profile import PASProfile
 
@@ -36,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pass --model <config name> of the model the profile was made on",
             )
         cfg = compose([f"model={model}", *args.overrides], config_name="generate")
+        if is_hosted(cfg.model):
+            raise ConfigError(
+                f"--model {model}: is served over an API (no weights to fold a profile into); "
+                "pass the local model the profile was made on"
+            )
         out = export_profile(build(cfg.model), profile, args.out, args.alpha)
     print(f"Exported {args.profile} into {out} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0

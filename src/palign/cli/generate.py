@@ -12,6 +12,7 @@ the token in flight (:mod:`palign.stopping`), exit status 143 or 130.
 from __future__ import annotations
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from palign import CONF_DIR
@@ -19,6 +20,7 @@ from palign.config import build, register_all
 from palign.errors import ConfigError, cli
 from palign.eval.generation import generate_pair
 from palign.methods.lora import AdapterArtifact
+from palign.models.hosted import is_hosted
 from palign.pas.profile import PASProfile
 from palign.stopping import stop_on_signals
 
@@ -26,6 +28,12 @@ from palign.stopping import stop_on_signals
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def app(cfg: DictConfig) -> None:
     with cli("palign generate"), stop_on_signals():
+        if is_hosted(cfg.model):
+            raise ConfigError(
+                f"palign generate applies a profile or an adapter to the model's weights; "
+                f"model={HydraConfig.get().runtime.choices.get('model')} is served over an API "
+                "(no weights): use a local model"
+            )
         if bool(cfg.profile) == bool(cfg.adapter):
             raise ConfigError(
                 "give profile=<PAS profile.json> or adapter=<dpo/ppo artifacts/<method>/<case> "

@@ -3,7 +3,8 @@
 :func:`plan` loads the data in the protocol's coding, selects the subjects, builds the run's
 method and its ``compare`` methods (every setting checked), and checks what they need
 (``optimized_metric``; that the device is present when a method uses the LLM) and every other
-configured value, whether or not a method uses it (:func:`check_values`). The runner, the merge
+configured value, whether or not a method uses it (:func:`check_values`); with a model served
+over an API, that every method runs through prompts (:func:`check_hosted_methods`). The runner, the merge
 of shards, the Python API and ``python -m palign``'s pre-check (before the run dir is made)
 start from it; nothing here loads a model.
 """
@@ -16,8 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from palign.config.build import build_methods, check_objective, select
 from palign.data.papi import PapiData, Subject, load_papi
+from palign.errors import ConfigError
 from palign.eval.scoring import ScoringConfig, check_scoring
 from palign.methods.base import Method
+from palign.methods.prompting import PromptMethod
+from palign.models.hosted import check_api_key, check_client, hosted_settings, is_hosted
 from palign.models.loading import torch_dtype
 from palign.models.placement import check_device, check_device_form, check_precision
 
@@ -53,11 +57,38 @@ def plan(cfg: DictConfig, check_hardware: bool = True) -> Plan:
     method, others = build_methods(cfg)
     check_objective(cfg, method)
     out = Plan(data, subjects, method, others)
+    if is_hosted(cfg.model):
+        check_hosted_methods(cfg, out)
     for m in out.methods:
         m.check_inputs(data, str(cfg.model.name) if m.uses_llm else "")
-    if check_hardware and out.uses_llm:
+    if check_hardware and out.uses_llm and not is_hosted(cfg.model):
         check_device(cfg.hardware.device)
     return out
+
+
+def check_hosted_methods(cfg: DictConfig, checked: Plan) -> None:
+    """A model served over an API (``model=openai``) answers only through prompts: a method
+    that needs the weights (PAS, DPO, PPO, the population methods, any method whose class is
+    not a prompting method but uses the LLM) is one error line; a run that uses the model needs
+    the API key where OpenAI's API does."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
+    if choice is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choice = HydraConfig.get().runtime.choices.get("model")
+    model = f"model={choice}" if choice else f"model {cfg.model.name}"
+    for i, m in enumerate(checked.methods):
+        if m.uses_llm and not isinstance(m, PromptMethod):
+            key = f"method={m.name}" if i == 0 else f"compare[{i - 1}]={m.name}"
+            raise ConfigError(
+                f"{key} needs the model's weights; {model} (served over an API at "
+                f"{cfg.model.base_url}) serves only prompting methods (no_change, few_shot, "
+                "personality_prompt)"
+            )
+    if checked.uses_llm:
+        check_client()
+        check_api_key(hosted_settings(OmegaConf.to_container(cfg.model, resolve=True)))
 
 
 def check_values(cfg: DictConfig) -> None:
@@ -66,6 +97,14 @@ def check_values(cfg: DictConfig) -> None:
     ``hardware.precision`` and the form of ``hardware.device`` (whether that device is present
     is checked only where a method uses the LLM)."""
     check_scoring(ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)))
+    if is_hosted(cfg.model):  # every setting, and scoring.mode=logit needs logprobs
+        settings = hosted_settings(OmegaConf.to_container(cfg.model, resolve=True))
+        if cfg.scoring.mode == "logit" and not settings.logprobs:
+            raise ConfigError(
+                "scoring.mode=logit reads the option probabilities from the reply's "
+                "top_logprobs, and model.logprobs=false asks for none: set model.logprobs=true "
+                "or scoring.mode=generate"
+            )
     if cfg.model.get("dtype") is not None:
         torch_dtype(cfg.model.dtype)
     check_precision(cfg.hardware.precision)

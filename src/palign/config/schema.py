@@ -75,6 +75,34 @@ class RandomModelConfig(ModelConfig):
 
 
 @dataclass
+class HostedModelConfig:
+    """A model served over an OpenAI-compatible chat API (``model=openai``): OpenAI, or a
+    vLLM, llama.cpp, Ollama, ... server at ``base_url`` (see :mod:`palign.models.hosted`)."""
+
+    _target_: str = _help("the loader: palign.models.hosted.load_hosted")
+    name: str = _help("the model's name in outputs (default: model.model)")
+    base_url: str = _help("the API's base URL, up to /v1", "https://api.openai.com/v1")
+    model: str = _help("the model the server serves (the requests' model field), e.g. gpt-4o")
+    api_key_env: Any = _help(
+        "the environment variable holding the API key (read at run time, written nowhere); "
+        "null: none",
+        "OPENAI_API_KEY",
+    )
+    max_concurrency: Any = _help("requests in flight at once", 8)
+    max_retries: Any = _help("retries of a request on 429, 5xx, a timeout or malformed JSON", 5)
+    timeout_s: Any = _help("seconds one request may take", 60)
+    max_requests: Any = _help("at most this many requests per run (null: no cap)", None)
+    max_cost: Any = _help("at most this many USD per run, at the prices below (null: no cap)", None)
+    price_input_per_mtok: Any = _help("USD per million input tokens (null: not priced)", None)
+    price_output_per_mtok: Any = _help("USD per million output tokens (null: not priced)", None)
+    temperature: Any = _help("sampling temperature (0: greedy)", 0)
+    max_tokens: Any = _help("tokens a reply may have", 16)
+    logprobs: Any = _help("ask for top_logprobs (scoring.mode=logit needs them)", True)
+    top_logprobs: Any = _help("alternatives per token with logprobs (0..20)", 20)
+    cache: Any = _help("reuse replies cached in palign.cache_root()/hosted", True)
+
+
+@dataclass
 class DatasetConfig:
     name: str = _help("the dataset", "papi")
     root: Any = _help("the PAPI folder; null: $PALIGN_DATA, ./data/papi, ../shared/papi, cache")
@@ -171,6 +199,7 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
     ("model", "pretrained_schema", PretrainedModelConfig),
     ("model", "gguf_schema", GGUFModelConfig),
     ("model", "random_schema", RandomModelConfig),
+    ("model", "hosted_schema", HostedModelConfig),
     ("dataset", "dataset_schema", DatasetConfig),
     ("hardware", "hardware_schema", HardwareConfig),
     ("paths", "paths_schema", PathsConfig),

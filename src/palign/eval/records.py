@@ -9,7 +9,8 @@ refused. ``from_json`` raises :class:`ValueError` naming the key that is missing
 the run dir adds the file's name.
 
 Units: MAE and Score on the raw 1..5 answer scale; UNK rate a fraction of the test items;
-timings in seconds; costs in forward calls, tokens forwarded and tokens generated.
+timings in seconds; costs in forward calls, tokens forwarded and tokens generated (a model
+served over an API: requests, tokens as its server counted them, USD).
 """
 
 from __future__ import annotations
@@ -77,7 +78,10 @@ class ResultRow(SubjectMetrics):
     items``: the name of a hyper-parameter the evaluation chose on the test items (protocol=
     paper), else None. ``cost``: the subject's share of the forwards counted, per phase
     (``align``, ``answer``) and count (``forward_calls``, ``tokens_forwarded``,
-    ``generated_tokens``); None without a model. ``subject_batch``: the size of the group the
+    ``generated_tokens``); for a model served over an API (``model=openai``) the counts of
+    :class:`~palign.models.cost.HostedCost` instead (``requests``, ``cached``, ``retries``,
+    ``input_tokens``, ``output_tokens``, ``cost_usd``, ``malformed``, ``cut_short``); None
+    without a model. ``subject_batch``: the size of the group the
     subject was evaluated in, when above 1."""
 
     case: int

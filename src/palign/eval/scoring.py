@@ -114,17 +114,23 @@ def parse_answer(text: str, window: int = 12, rule: str = "word") -> int:
     "would"). ``rule="word"`` (palign's fix): a letter with no letter on either side; one that
     ends the window counts only when the text ends there too (what followed it was not cut off).
     """
+    match = answer_match(text, window, rule)
+    return LETTER_SCORE[match.group()[0].upper()] if match else UNPARSED
+
+
+def answer_match(text: str, window: int = 12, rule: str = "word") -> re.Match | None:
+    """The match of the option letter :func:`parse_answer` reads in ``text`` (its letter is
+    ``group()[0]``, at ``start()``), or None."""
     if rule == "reference":
-        match = _REFERENCE.search(text[:window])
-        return LETTER_SCORE[match.group()[0].upper()] if match else UNPARSED
+        return _REFERENCE.search(text[:window])
     if rule != "word":
         raise ScoringError(f"scoring.parse={rule!r} is not one of {PARSE_RULES}")
     head = text[:window]
     for match in _WORD.finditer(head):
         if match.end() == len(head) and len(text) > window:
             continue  # the letter ends the window; what follows it was cut off
-        return LETTER_SCORE[match.group().upper()]
-    return UNPARSED
+        return match
+    return None
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

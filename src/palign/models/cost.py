@@ -62,3 +62,40 @@ class CostMeter:
 
     def snapshot(self) -> Cost:
         return Cost(self._calls, self._tokens, self._generated)
+
+
+@dataclass(frozen=True)
+class HostedCost:
+    """What a model served over an API (:mod:`palign.models.hosted`) cost, counted since some
+    start; subtract two snapshots for what happened in between.
+
+    ``requests``: requests palign sent (each a billed call); ``cached``: replies read from the
+    response cache instead (nothing sent); ``retries``: further HTTP attempts of a request the
+    client retried (429, 5xx, timeouts: not billed); ``input_tokens`` and ``output_tokens``:
+    as the server's ``usage`` reported them for the requests sent; ``cost_usd``: those tokens at
+    ``model.price_input_per_mtok`` / ``price_output_per_mtok`` (0 without prices);
+    ``malformed``: replies that were not a chat completion even after the retries (kept as
+    unparseable answers); ``cut_short``: replies the ``max_tokens`` limit cut off before any
+    answer letter (kept as unparseable answers)."""
+
+    requests: int = 0
+    cached: int = 0
+    retries: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    malformed: int = 0
+    cut_short: int = 0
+
+    def __sub__(self, other: HostedCost) -> HostedCost:
+        return HostedCost(*(a - b for a, b in zip(self.astuple(), other.astuple())))
+
+    def __truediv__(self, n: int) -> dict[str, float]:
+        """Per-item shares, e.g. a subject's share of a batch of ``n`` subjects."""
+        return {k: v / n for k, v in asdict(self).items()}
+
+    def astuple(self) -> tuple:
+        return tuple(asdict(self).values())
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)

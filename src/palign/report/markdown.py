@@ -47,11 +47,16 @@ def _count(x: float) -> str:
 
 def cost_table(summary: Summary) -> str:
     """Counted model work of each method that used the model: per subject (aligning, answering)
-    and once per run (set-up, e.g. PAS's shared activations); empty without a model."""
+    and once per run (set-up, e.g. PAS's shared activations); for a model served over an API,
+    its requests, tokens and USD (:func:`api_cost_table`); empty without a model."""
     lines = []
+    hosted = {}
     for name, entry in summary.methods().items():
         cost = entry.cost
         if not cost:
+            continue
+        if "requests" in cost.get("per_subject", {}).get("total", {}):
+            hosted[name] = cost["per_subject"]["total"]
             continue
         per = cost.get("per_subject", {})
         setup = cost.get("setup") or {}
@@ -65,7 +70,7 @@ def cost_table(summary: Summary) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if not lines:
-        return ""
+        return api_cost_table(hosted)
     cols = [
         "method",
         "align forwards",
@@ -80,6 +85,37 @@ def cost_table(summary: Summary) -> str:
     return (
         "\nModel work per subject, counted (forward calls; tokens forwarded, padding included, "
         "KV-cached prefixes not again; tokens generated), and once per run for set-up:\n\n"
+        + "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *lines])
+        + "\n"
+    )
+
+
+def api_cost_table(totals: dict[str, dict[str, float]]) -> str:
+    """Per method, what a model served over an API cost per subject (the mean over subjects):
+    requests sent, replies from the cache, retries, tokens in and out (the server's usage),
+    USD at the configured prices, and the replies kept as unparseable."""
+    if not totals:
+        return ""
+    cols = ["method", "requests", "from cache", "retries", "input tokens", "output tokens",
+            "USD", "malformed", "cut short"]  # fmt: skip
+    lines = [
+        "| "
+        + " | ".join(
+            [
+                name,
+                *(_count(c.get(k, 0)) for k in ("requests", "cached", "retries")),
+                *(_count(c.get(k, 0)) for k in ("input_tokens", "output_tokens")),
+                f"{c.get('cost_usd', 0):.4f}",
+                *(_count(c.get(k, 0)) for k in ("malformed", "cut_short")),
+            ]
+        )
+        + " |"
+        for name, c in totals.items()
+    ]
+    return (
+        "\nAPI requests per subject, counted (requests sent; replies read from the response "
+        "cache; the client's retries; input and output tokens as the server reported them; USD "
+        "at model.price_*_per_mtok; replies kept as unparseable):\n\n"
         + "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), *lines])
         + "\n"
     )

@@ -27,12 +27,14 @@ from palign.config import Plan, build, plan
 from palign.constants import TRAITS
 from palign.data.papi import Inventory, PapiData, Subject
 from palign.eval.answers import answer_table, table_metrics, write_table
+from palign.eval.hosted import HostedScorer
 from palign.eval.metrics import best_candidate, subject_metrics
 from palign.eval.records import NO_LLM, Aggregate, ResultRow, Summary, aggregate
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
+from palign.models.hosted import is_hosted
 from palign.report.html import write_page
 from palign.report.plots import plot_run
 from palign.report.results import load_run
@@ -57,8 +59,8 @@ def evaluate_group(
     so (``selected_on_test_items``). The subjects go through the method together (a method
     that batches subjects does so); each row gets an equal share of the group's time and of the
     forwards ``meter`` counted (``cost``: forward calls, tokens forwarded, generated tokens, for
-    aligning and for answering). With ``artifacts`` (one per subject) nothing is aligned: the
-    subjects are answered with those."""
+    aligning and for answering; a model served over an API: requests, tokens, USD). With
+    ``artifacts`` (one per subject) nothing is aligned: the subjects are answered with those."""
     n = len(subjects)
     seen = [s.seen_only(inventory.train) for s in subjects]
     start, cost0 = time.perf_counter(), meter.snapshot() if meter else None
@@ -255,11 +257,11 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
     if uses_llm:
         loaded = build(cfg.model)
         model_name = loaded.name
-        scorer = Scorer(
-            loaded,
-            ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True)),
-            precision=cfg.hardware.precision,
-        )
+        scoring = ScoringConfig(**OmegaConf.to_container(cfg.scoring, resolve=True))
+        if is_hosted(cfg.model):  # served over an API: prompting methods only (the plan)
+            scorer = HostedScorer(loaded, scoring)
+        else:
+            scorer = Scorer(loaded, scoring, precision=cfg.hardware.precision)
     meter = scorer.loaded.meter if scorer else None
 
     def context(m: Method) -> MethodContext:
@@ -314,3 +316,25 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
         return summary
     finally:
         tracker.close(ok)
+        if isinstance(scorer, HostedScorer):
+            _log_hosted(scorer)
+            scorer.loaded.close()
+
+
+def _log_hosted(scorer: HostedScorer) -> None:
+    """One line of what the hosted model cost this run."""
+    c = scorer.loaded.meter.snapshot()
+    log.info(
+        "%s: %d requests sent (%d retries), %d answered from the cache; %d input + %d output "
+        "tokens%s%s",
+        scorer.loaded.name,
+        c.requests,
+        c.retries,
+        c.cached,
+        c.input_tokens,
+        c.output_tokens,
+        f", ${c.cost_usd:.4f}" if scorer.loaded.settings.priced else "",
+        f"; {c.malformed} malformed and {c.cut_short} cut-short replies kept as unparseable"
+        if c.malformed or c.cut_short
+        else "",
+    )
