@@ -177,8 +177,10 @@ class RunDir:
 
     def reader_files(self) -> list[Path]:
         """What a reader of the run wants beside the numbers: ``report.md``, ``report.html``,
-        ``summary.json``, ``results.jsonl`` and the plots (those that exist)."""
+        ``summary.json``, ``results.jsonl``, the judge's ``judgments.md`` and
+        ``judgments/summary.json``, and the plots (those that exist)."""
         files = [self.report, self.html, self.summary, self.path / "results.jsonl"]
+        files += [self.judgments_report, self.judgments_summary]
         plots = sorted(self.plots.glob("*.png")) if self.plots.is_dir() else []
         return [f for f in files if f.is_file()] + plots
 
