@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from palign import CONF_DIR
 from palign.cli import judge as judge_cli
@@ -24,10 +24,11 @@ from palign.config import plan, register_all
 from palign.config.schema import compose_checked
 from palign.constants import ANSWER_LABELS
 from palign.data.papi import Item
-from palign.errors import ConfigError
+from palign.errors import ConfigError, RunDirError
 from palign.eval.judge import RATING_NAMES, judge_request, parse_rating, read_judgments
 from palign.eval.replies import read_replies, reply_table, write_replies
-from palign.rundir import RunDir
+from palign.rundir import RunDir, check_resume
+from palign.runs.merge import merge
 from palign.runs.runner import run
 
 OPEN_ENDED = [
@@ -95,6 +96,27 @@ def test_open_ended_replies_kept_on_resume(open_run):
     run(composed([*OPEN_ENDED, f"resume={open_run}"], open_run))
     after = {p: p.stat().st_mtime_ns for ps in rd.reply_files().values() for p in ps}
     assert after == before
+
+
+def test_merge_keeps_the_replies(open_run, tmp_path):
+    merge([open_run], tmp_path / "merged")
+    theirs, ours = RunDir(open_run).reply_files(), RunDir(tmp_path / "merged").reply_files()
+    assert sorted(ours) == sorted(theirs)
+    for method, paths in theirs.items():
+        assert [p.read_text() for p in ours[method]] == [p.read_text() for p in paths]
+
+
+def test_resume_of_a_run_from_before_the_evaluation_group(tmp_path):
+    old = tmp_path / "old"
+    cfg = composed(["model=tiny_llama", f"resume={old}"], old)
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["evaluation"]
+    old.mkdir()
+    (old / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    check_resume(cfg, RunDir(old))  # evaluation=inventory: what the run did
+    cfg = composed(["model=tiny_llama", "evaluation=open_ended", f"resume={old}"], old)
+    with pytest.raises(RunDirError, match="differs from the run's .* at evaluation"):
+        check_resume(cfg, RunDir(old))
 
 
 def test_scorer_replies_restores_the_inventory_scorer(make_scorer, papi):

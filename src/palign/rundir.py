@@ -376,7 +376,12 @@ def check_resume(cfg: DictConfig, run_dir: RunDir) -> None:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return
         raise RunDirError(f"resume={resume}: no palign run in {out_dir} (no config.yaml)")
-    diff = config_differences(run_dir.read_config(), cfg, RESUME_FREE_KEYS)
+    saved = run_dir.read_config()
+    if "evaluation" not in saved and cfg.get("evaluation", {}).get("name") == "inventory":
+        ignore = (*RESUME_FREE_KEYS, "evaluation")  # a run from before evaluation=: inventory
+    else:
+        ignore = RESUME_FREE_KEYS
+    diff = config_differences(saved, cfg, ignore)
     if diff:
         raise RunDirError(
             f"resume={resume}: the config differs from the run's {saved_path} at "
