@@ -98,6 +98,22 @@ def test_open_ended_replies_kept_on_resume(open_run):
     assert after == before
 
 
+def test_open_ended_pas_replies_under_the_alpha_chosen_on_the_test_items(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALIGN_CACHE", str(tmp_path / "cache"))
+    pas = ["method=pas", "method.top_k=4", "method.alphas=[0,4]", "method.folds=2"]
+    overrides = ["model=tiny_llama", *pas, "protocol=paper", "dataset.limit=2"]
+    out = tmp_path / "pas"
+    run(composed([*overrides, "evaluation=open_ended", "evaluation.items=3",
+                  "evaluation.max_new_tokens=4"], out))  # fmt: skip
+    rd = RunDir(out)
+    paths = rd.reply_files()["pas"]
+    assert len(paths) == 2
+    for path in paths:
+        assert len(read_replies(path)) == 3
+        row = rd.finished_rows("pas")[int(path.stem)]
+        assert row.selected_on_test_items == "alpha" and row.align_info["alpha"] in (0.0, 4.0)
+
+
 def test_merge_keeps_the_replies(open_run, tmp_path):
     merge([open_run], tmp_path / "merged")
     theirs, ours = RunDir(open_run).reply_files(), RunDir(tmp_path / "merged").reply_files()
@@ -231,6 +247,7 @@ class FakeJudge:
 
     def __init__(self):
         self.requests = 0
+        self.bodies: list[dict] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -242,8 +259,12 @@ class FakeJudge:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests += 1
+                fake.bodies.append(body)
                 m = re.search(r"REPLY (\w+) (\d+) (\d+)", body["messages"][-1]["content"])
-                text = judgment(m.group(1), int(m.group(2)), int(m.group(3)))
+                if m:
+                    text = judgment(m.group(1), int(m.group(2)), int(m.group(3)))
+                else:  # not a judge's request: a hosted model's reply
+                    text = "I like order, mostly."
                 data = json.dumps(
                     {
                         "id": "x",
@@ -343,6 +364,28 @@ def test_judge_with_a_hosted_judge(tmp_path, fake_judge, capsys):
     assert judge_cli.main(judge_argv(root, fake_judge)) == 0
     assert fake_judge.requests == 18
     assert json.loads(rd.judgments_summary.read_text()) == summary
+
+
+def test_open_ended_replies_of_a_hosted_model(tmp_path, fake_judge):
+    out = tmp_path / "hosted"
+    hosted = [
+        "model=openai",
+        f"model.base_url={fake_judge.url}",
+        "model.model=replier",
+        "model.api_key_env=null",
+        "scoring.mode=generate",
+    ]
+    run(composed([*hosted, "method=few_shot", "dataset.limit=1", "evaluation=open_ended",
+                  "evaluation.items=2", "evaluation.max_new_tokens=150"], out))  # fmt: skip
+    (path,) = RunDir(out).reply_files()["few_shot"]
+    table = read_replies(path)
+    assert list(table["reply"]) == ["I like order, mostly."] * 2
+    asked = [b for b in fake_judge.bodies if b["messages"][-1]["content"] in set(table["prompt"])]
+    assert len(asked) == 2
+    assert all(b["max_tokens"] == 150 and "logprobs" not in b for b in asked)
+    assert asked[0]["messages"][0]["role"] == "system"  # the method's system prompt
+    inventory = [b for b in fake_judge.bodies if b not in asked]
+    assert len(inventory) == 180 and all(b["max_tokens"] == 16 for b in inventory)
 
 
 def test_judge_with_the_local_tiny_model(open_run, capsys):
