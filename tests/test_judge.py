@@ -421,3 +421,13 @@ def test_judge_bad_inputs_are_one_line(argv, message, tmp_path, capsys):
     assert err[0].startswith("palign judge: error: ") and message in err[0]
     assert len(err) <= 2 and all(line.startswith("palign judge: ") for line in err)
     assert not RunDir(run_dir).judgments_root.exists()
+
+
+def test_palign_judge_is_dispatched(tmp_path, monkeypatch, capsys):
+    from palign.cli import main
+
+    monkeypatch.setattr("sys.argv", ["palign", "judge", str(tmp_path), "model=tiny_llama"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 1
+    assert "palign judge: error:" in capsys.readouterr().err
