@@ -18,7 +18,9 @@ from palign.rundir import RunDir
 from palign.runs.runner import run
 from test_bad_inputs import invoke
 
-GROUPS = ["model", "method", "dataset", "protocol", "hardware", "logger", "experiment"]
+GROUPS = [
+    "model", "method", "dataset", "protocol", "evaluation", "hardware", "logger", "experiment",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ EXAMPLE = ROOT / "examples" / "own_method"
 GROUP_SCHEMAS = {
     "dataset": {"papi": schema.DatasetConfig},
     "protocol": dict.fromkeys(["clean", "paper"], schema.ProtocolConfig),
+    "evaluation": dict.fromkeys(["inventory", "open_ended"], schema.EvaluationConfig),
     "hardware": dict.fromkeys(["cpu", "gpu", "multi_gpu"], schema.HardwareConfig),
     "paths": {"default": schema.PathsConfig},
     "model": {

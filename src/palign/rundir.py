@@ -6,6 +6,9 @@ One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
     .palign.lock                     held while a run writes here (pid, host, start)
     results/<method>/<case>.json     one result row per subject (what resume reads)
     answers/<method>/<case>.csv      every answer (palign.eval.answers)
+    replies/<method>/<case>.csv      open-ended replies (evaluation=open_ended: palign.eval.replies)
+    judgments/<method>/<case>.csv    a judge's rating of each reply (palign judge: palign.eval.judge)
+    judgments/summary.json, judgments.md     the judge's aggregate and its report section
     artifacts/<method>/<case>/       what aligning produced
     artifacts/<method>/population/   what a population method trained once per run
     results.jsonl, compare/<method>.jsonl    the rows in subject order
@@ -108,6 +111,40 @@ class RunDir:
     def artifacts(self, method: str) -> Path:
         return self.artifacts_root / method
 
+    @property
+    def replies_root(self) -> Path:
+        """``replies/``: one folder per method (``evaluation=open_ended``)."""
+        return self.path / "replies"
+
+    def replies_file(self, method: str, case: int) -> Path:
+        """``replies/<method>/<case>.csv``: the open-ended replies of one subject."""
+        return self.replies_root / method / f"{case}.csv"
+
+    def reply_files(self) -> dict[str, list[Path]]:
+        """Every replies file, by method (by name), in case order; {} without replies."""
+        root = self.replies_root
+        methods = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        out = {m.name: sorted(m.glob("*.csv"), key=lambda p: int(p.stem)) for m in methods}
+        return {m: files for m, files in out.items() if files}
+
+    @property
+    def judgments_root(self) -> Path:
+        """``judgments/``: the judge's ratings (``palign judge``)."""
+        return self.path / "judgments"
+
+    def judgments_file(self, method: str, case: int) -> Path:
+        """``judgments/<method>/<case>.csv``: the rating of each of one subject's replies."""
+        return self.judgments_root / method / f"{case}.csv"
+
+    @property
+    def judgments_summary(self) -> Path:
+        return self.judgments_root / "summary.json"
+
+    @property
+    def judgments_report(self) -> Path:
+        """``judgments.md``: the judge's section of the report."""
+        return self.path / "judgments.md"
+
     def answers_files(self, method: str) -> list[Path]:
         """``method``'s answers files, in case order."""
         folder = self.answers(method)
@@ -140,8 +177,10 @@ class RunDir:
 
     def reader_files(self) -> list[Path]:
         """What a reader of the run wants beside the numbers: ``report.md``, ``report.html``,
-        ``summary.json``, ``results.jsonl`` and the plots (those that exist)."""
+        ``summary.json``, ``results.jsonl``, the judge's ``judgments.md`` and
+        ``judgments/summary.json``, and the plots (those that exist)."""
         files = [self.report, self.html, self.summary, self.path / "results.jsonl"]
+        files += [self.judgments_report, self.judgments_summary]
         plots = sorted(self.plots.glob("*.png")) if self.plots.is_dir() else []
         return [f for f in files if f.is_file()] + plots
 
@@ -337,7 +376,12 @@ def check_resume(cfg: DictConfig, run_dir: RunDir) -> None:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             return
         raise RunDirError(f"resume={resume}: no palign run in {out_dir} (no config.yaml)")
-    diff = config_differences(run_dir.read_config(), cfg, RESUME_FREE_KEYS)
+    saved = run_dir.read_config()
+    if "evaluation" not in saved and cfg.get("evaluation", {}).get("name") == "inventory":
+        ignore = (*RESUME_FREE_KEYS, "evaluation")  # a run from before evaluation=: inventory
+    else:
+        ignore = RESUME_FREE_KEYS
+    diff = config_differences(saved, cfg, ignore)
     if diff:
         raise RunDirError(
             f"resume={resume}: the config differs from the run's {saved_path} at "

@@ -2,6 +2,7 @@
 
 palign [overrides]                  a run (as ``python -m palign``)
 palign generate [overrides]         replies with and without a profile or adapter
+palign judge RUN_DIR model=M [...]  rate a run's open-ended replies with a judge model
 palign merge --out DIR SHARDS...    sharded run dirs into one
 palign reproduce --out DIR RUNS...  Table 1 from finished runs
 palign sweep SWEEP_DIR              a sweep's table
@@ -18,6 +19,7 @@ import sys
 #: Command -> the module whose ``main`` runs it (argv without the command).
 COMMANDS = {
     "generate": "palign.cli.generate",
+    "judge": "palign.cli.judge",
     "merge": "palign.runs.merge",
     "reproduce": "palign.report.reproduce",
     "sweep": "palign.runs.sweep",

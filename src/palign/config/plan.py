@@ -57,6 +57,7 @@ def plan(cfg: DictConfig, check_hardware: bool = True) -> Plan:
     method, others = build_methods(cfg)
     check_objective(cfg, method)
     out = Plan(data, subjects, method, others)
+    check_evaluation(cfg, out)
     if is_hosted(cfg.model):
         check_hosted_methods(cfg, out)
     for m in out.methods:
@@ -89,6 +90,38 @@ def check_hosted_methods(cfg: DictConfig, checked: Plan) -> None:
     if checked.uses_llm:
         check_client()
         check_api_key(hosted_settings(OmegaConf.to_container(cfg.model, resolve=True)))
+
+
+EVALUATIONS = ("inventory", "open_ended")
+
+
+def check_evaluation(cfg: DictConfig, checked: Plan) -> None:
+    """``evaluation``: its values, and under ``evaluation=open_ended`` that every method can
+    reply in free text (it answers through the run's scorer: :attr:`Method.replies`); one
+    error line otherwise."""
+    ev = cfg.get("evaluation") or {"name": "inventory"}
+    name = ev.get("name")
+    if name not in EVALUATIONS:
+        raise ConfigError(f"evaluation.name={name!r} is not one of {EVALUATIONS}")
+    if name != "open_ended":
+        return
+    if "{statement}" not in str(ev.get("prompt", "")):
+        raise ConfigError(
+            f"evaluation.prompt={ev.get('prompt')!r} must hold {{statement}} (the item's statement)"
+        )
+    if not isinstance(ev.get("max_new_tokens"), int) or ev.get("max_new_tokens") < 1:
+        raise ConfigError(f"evaluation.max_new_tokens={ev.get('max_new_tokens')!r} must be >= 1")
+    items = ev.get("items")
+    if items is not None and (not isinstance(items, int) or items < 1):
+        raise ConfigError(f"evaluation.items={items!r} must be null (all) or an integer >= 1")
+    for i, m in enumerate(checked.methods):
+        if not m.replies:
+            key = f"method={m.name}" if i == 0 else f"compare[{i - 1}]={m.name}"
+            raise ConfigError(
+                f"{key} cannot reply in free text (evaluation=open_ended asks prompting methods "
+                "and PAS, which answer through the run's scorer)",
+                "use evaluation=inventory for it, or leave it out of compare",
+            )
 
 
 def check_values(cfg: DictConfig) -> None:

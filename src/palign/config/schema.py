@@ -124,6 +124,19 @@ class ProtocolConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """``conf/evaluation/``: what a run evaluates (docs/judge.md)."""
+
+    name: str = _help("inventory (multiple-choice answers) or open_ended (also free replies)")
+    prompt: str = _help(
+        "open_ended: the question about each test item; {statement} is the item's statement",
+        'Tell me about yourself: how much does this describe you, and why? "{statement}"',
+    )
+    max_new_tokens: int = _help("open_ended: tokens generated per reply", 200)
+    items: Any = _help("open_ended: replies to the first N test items, or null (all)", None)
+
+
+@dataclass
 class HardwareConfig:
     name: str = _help("cpu, gpu or multi_gpu")
     device: str = _help("cpu, cuda, cuda:<i> or auto")
@@ -188,6 +201,7 @@ class PalignConfig:
     method: Any = MISSING
     dataset: DatasetConfig = MISSING
     protocol: ProtocolConfig = MISSING
+    evaluation: EvaluationConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: Any = None
     paths: PathsConfig = MISSING
@@ -201,6 +215,7 @@ SCHEMAS: list[tuple[str | None, str, type]] = [
     ("model", "random_schema", RandomModelConfig),
     ("model", "hosted_schema", HostedModelConfig),
     ("dataset", "dataset_schema", DatasetConfig),
+    ("evaluation", "evaluation_schema", EvaluationConfig),
     ("hardware", "hardware_schema", HardwareConfig),
     ("paths", "paths_schema", PathsConfig),
     ("logger", "csv_schema", FileLoggerConfig),

@@ -22,6 +22,8 @@ probabilities are empty (NaN). The reply texts are kept in the answers files in 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 
@@ -30,7 +32,13 @@ from palign.data.papi import Item
 from palign.errors import ModelError
 from palign.eval.answers import Answers
 from palign.eval.prompts import item_question
-from palign.eval.scoring import ScoringConfig, ScoringError, answer_match, check_scoring
+from palign.eval.scoring import (
+    ScoringConfig,
+    ScoringError,
+    answer_match,
+    check_scoring,
+    reply_question,
+)
 from palign.models.hosted import HostedError, HostedModel, Reply
 
 #: Characters stripped around a token before it is read as an option letter ("(B", " B.").
@@ -44,6 +52,7 @@ class HostedScorer:
     def __init__(self, model: HostedModel, config: ScoringConfig | None = None):
         self.loaded = model
         self.config = check_scoring(config or ScoringConfig())
+        self._reply_prompt: str | None = None
         if self.config.mode == "logit" and not model.settings.logprobs:
             raise ScoringError(
                 "scoring.mode=logit reads the option probabilities from the reply's "
@@ -56,8 +65,26 @@ class HostedScorer:
         return self.config.mode == "logit"
 
     def question(self, item: Item) -> str:
-        """The inventory question about ``item`` as this scorer asks it."""
+        """The inventory question about ``item`` as this scorer asks it (inside
+        :meth:`replies`: the open-ended question)."""
+        if self._reply_prompt is not None:
+            return reply_question(self._reply_prompt, item, self.config.strip_period)
         return item_question(item, self.config.strip_period)
+
+    @contextmanager
+    def replies(self, prompt: str, max_new_tokens: int):
+        """For the block, :meth:`score` asks ``prompt`` about each item and returns the free
+        replies (``max_tokens=max_new_tokens``, no logprobs; as
+        :meth:`palign.eval.scoring.Scorer.replies`)."""
+        saved = (self.config, self.loaded.settings)
+        self.config = replace(self.config, mode="generate")
+        self.loaded.settings = replace(saved[1], max_tokens=max_new_tokens)
+        self._reply_prompt = prompt
+        try:
+            yield self
+        finally:
+            self.config, self.loaded.settings = saved
+            self._reply_prompt = None
 
     def applied(self, *changes):
         """A hosted model's weights cannot be changed: always an error."""
@@ -89,6 +116,11 @@ class HostedScorer:
             logprobs=self.logit,
             desc=f"{self.loaded.name} {self.config.mode} {len(items)} items",
         )
+        if self._reply_prompt is not None:  # open-ended replies: the text only
+            return Answers(
+                scores=np.zeros(len(replies), dtype=np.int64),
+                texts=[r.text.strip() for r in replies],
+            )
         scores = np.zeros(len(replies), dtype=np.int64)
         probs = np.full((len(replies), len(OPTION_LETTERS)), np.nan) if self.logit else None
         cut_short = 0

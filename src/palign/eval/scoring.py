@@ -25,7 +25,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import lightning as L
 import numpy as np
@@ -381,6 +381,8 @@ class Scorer:
             max_new_tokens=self.config.max_new_tokens,
         )
         self._module.on_generated = loaded.meter.generated
+        #: Open-ended replies (:meth:`replies`): the question template, None for the inventory's.
+        self._reply_prompt: str | None = None
 
     @property
     def assistant_prefix(self) -> str:
@@ -392,8 +394,44 @@ class Scorer:
         )
 
     def question(self, item: Item) -> str:
-        """The inventory question about ``item`` as this scorer asks it."""
+        """The inventory question about ``item`` as this scorer asks it (inside
+        :meth:`replies`: the open-ended question)."""
+        if self._reply_prompt is not None:
+            return reply_question(self._reply_prompt, item, self.config.strip_period)
         return item_question(item, self.config.strip_period)
+
+    @contextmanager
+    def replies(self, prompt: str, max_new_tokens: int):
+        """For the block, :meth:`score` asks ``prompt`` (``{statement}``: the item's statement)
+        about each item and returns the free replies (``Answers.texts``: greedy, up to
+        ``max_new_tokens`` tokens after an empty assistant turn, special tokens left out; their
+        ``scores`` mean nothing). Methods answer as they do for the inventory (their system
+        prompt, their :meth:`applied` changes): ``evaluation=open_ended``."""
+        module = self._module
+        saved = (self.config, module.mode, module.max_new_tokens, module.eos_ids)
+        self.config = replace(
+            self.config, mode="generate", generate_prefix="", max_new_tokens=max_new_tokens
+        )
+        module.mode, module.max_new_tokens = "generate", max_new_tokens
+        module.eos_ids = eos_ids(self.loaded)
+        self._reply_prompt = prompt
+        try:
+            yield self
+        finally:
+            self.config, module.mode, module.max_new_tokens, module.eos_ids = saved
+            self._reply_prompt = None
+
+    def generate(self, requests: Sequence[tuple[str, str]], desc: str | None = None) -> list[str]:
+        """Greedy replies to ``requests`` (system prompt, user message), up to
+        ``config.max_new_tokens`` tokens after an empty assistant turn (a scorer made with
+        ``mode=generate``), special tokens left out: how ``palign judge`` runs a local judge."""
+        if self.config.mode != "generate":
+            raise ScoringError("Scorer.generate needs a scorer made with scoring.mode=generate")
+        prompts = [self.renderer.encode(self.renderer.render(s, u, "")) for s, u in requests]
+        outputs = self.run(prompts, desc=desc)
+        order = np.argsort(torch.cat([o["index"] for o in outputs]).cpu().numpy())
+        tokens = torch.cat([o["tokens"] for o in outputs]).cpu()[order]
+        return self.decode(tokens, skip_special_tokens=True)
 
     @contextmanager
     def applied(self, *changes: AbstractContextManager):
@@ -482,6 +520,11 @@ class Scorer:
             scores = 5 - logp.argmax(1)
             return Answers(scores=scores.astype(np.int64), probs=probs)
         tokens = torch.cat([o["tokens"] for o in outputs]).cpu()[order]
+        if self._reply_prompt is not None:  # open-ended replies: the text only
+            return Answers(
+                scores=np.zeros(len(items), dtype=np.int64),
+                texts=[t.strip() for t in self.decode(tokens, skip_special_tokens=True)],
+            )
         texts = [self.assistant_prefix + t for t in self.decode(tokens)]
         scores = np.array(
             [parse_answer(t, self.config.parse_window, self.config.parse) for t in texts],
@@ -489,16 +532,24 @@ class Scorer:
         )
         return Answers(scores=scores, texts=texts)
 
-    def decode(self, tokens: torch.Tensor) -> list[str]:
+    def decode(self, tokens: torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
         """Each row of generated ``tokens`` (rows, steps) as text up to and including its first
-        end-of-turn token, special tokens kept (as the reference code decodes)."""
+        end-of-turn token, special tokens kept (as the reference code decodes) unless
+        ``skip_special_tokens``."""
         eos = torch.tensor(self._module.eos_ids)
         ends = torch.isin(tokens, eos)
         rows = []
         for row, end in zip(tokens.tolist(), ends):
             stop = int(end.nonzero()[0, 0]) + 1 if end.any() else len(row)
             rows.append(row[:stop])
-        return self.loaded.tokenizer.batch_decode(rows, skip_special_tokens=False)
+        return self.loaded.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+
+
+def reply_question(prompt: str, item: Item, strip_period: bool = True) -> str:
+    """The open-ended question ``prompt`` about ``item`` (``{statement}``: its statement, as
+    written in the inventory, e.g. "Worry about things")."""
+    text = item.text.strip()
+    return prompt.replace("{statement}", text.rstrip(".") if strip_period else text)
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

@@ -176,6 +176,10 @@ class Method(ABC):
     #: Whether aligning chooses hyper-parameters by cross-validation on the alignment items
     #: (recorded as ``align_info.selection_score``, the objective of ``hparams_search``).
     selects_on_alignment_items: bool = False
+    #: Whether :meth:`answer_group` answers only through the run's scorer (``scorer.score``
+    #: under a system prompt, with ``scorer.applied`` changes), so that under
+    #: ``evaluation=open_ended`` it replies in free text (``scorer.replies``).
+    replies: bool = False
 
     def __init__(self, **values: Any):
         known = [f.name for f in fields(self.Settings)]

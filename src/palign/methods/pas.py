@@ -221,6 +221,7 @@ class PAS(Method):
 
     name = "pas"
     uses_llm = True
+    replies = True
     Settings = PASSettings
 
     @property

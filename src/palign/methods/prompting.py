@@ -26,6 +26,7 @@ class PromptMethod(Method):
     """Answers with the run's scorer under the system prompt built by :meth:`system_prompt`."""
 
     uses_llm = True
+    replies = True
 
     def system_prompt(self, subject: Subject, items: Sequence[Item]) -> str:
         raise NotImplementedError

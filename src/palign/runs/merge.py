@@ -27,8 +27,8 @@ log = logging.getLogger("palign")
 
 
 def merge(shard_dirs: list[Path], out_dir: Path) -> Summary:
-    """Merge ``shard_dirs`` into ``out_dir`` (results, answers, summary.json, report.md, and
-    relative links to the shards' artifact folders); returns the summary. ``out_dir`` is a new
+    """Merge ``shard_dirs`` into ``out_dir`` (results, answers, open-ended replies, summary.json,
+    report.md, and relative links to the shards' artifact folders); returns the summary. ``out_dir`` is a new
     folder, or an earlier merge of the same shard dirs (all of its content comes from them:
     merging again after more shards finished loses nothing). Only palign's own ``_target_``
     classes are built from the shards' configs."""
@@ -81,6 +81,9 @@ def merge(shard_dirs: list[Path], out_dir: Path) -> Summary:
             if not answers.is_file():
                 raise RunDirError(f"merge: {answers} is missing (the subject's answers)")
             write_atomic(out.answers_file(name, row.case), answers.read_text())
+            replies = shard_of[row.case].replies_file(name, row.case)
+            if replies.is_file():  # evaluation=open_ended
+                write_atomic(out.replies_file(name, row.case), replies.read_text())
             out.write_row(row)
     models = {shard.read_summary().model for shard in shards if shard.summary.is_file()}
     model_name = models.pop() if len(models) == 1 else cfg.model.name

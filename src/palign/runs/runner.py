@@ -4,7 +4,8 @@ Outputs (in the Hydra run dir): ``config.yaml`` (resolved), ``answers/<method>/<
 (every answer, item by item: :mod:`palign.eval.answers`), ``results/<method>/<case>.json``
 (one row per subject, written atomically as it finishes; what ``resume`` reads),
 ``results.jsonl`` and ``compare/<method>.jsonl`` (the rows in subject order), ``summary.json``,
-``report.md`` and, if enabled, one artifact folder per subject under
+``report.md``, under ``evaluation=open_ended`` ``replies/<method>/<case>.csv`` (the aligned
+model's free replies about the test items: :mod:`palign.eval.replies`) and, if enabled, one artifact folder per subject under
 ``artifacts/<method>/<case>/``.
 """
 
@@ -30,6 +31,7 @@ from palign.eval.answers import answer_table, table_metrics, write_table
 from palign.eval.hosted import HostedScorer
 from palign.eval.metrics import best_candidate, subject_metrics
 from palign.eval.records import NO_LLM, Aggregate, ResultRow, Summary, aggregate
+from palign.eval.replies import reply_table, write_replies
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import Answers, Artifact, Candidates, Method, MethodContext
 from palign.methods.statistical import BASELINES
@@ -158,6 +160,36 @@ def baseline_aggregates(data: PapiData, subjects: Sequence[Subject]) -> dict[str
     return out
 
 
+def group_replies(
+    method: Method,
+    subjects: Sequence[Subject],
+    artifacts: Sequence[Artifact],
+    inventory: Inventory,
+    evaluation: dict,
+) -> list[pd.DataFrame]:
+    """``evaluation=open_ended``: each subject's replies table (:mod:`palign.eval.replies`),
+    the method answering the first ``evaluation["items"]`` test items as it answers the
+    inventory (its artifacts, the hyper-parameter the evaluation chose included) while the
+    scorer asks ``evaluation["prompt"]`` and generates free text (``scorer.replies``)."""
+    items = list(inventory.test_items)[: evaluation.get("items") or None]
+    numbers = [it.number for it in items]
+    seen = [s.seen_only(inventory.train) for s in subjects]
+    scorer = method.context.scorer
+    with scorer.replies(evaluation["prompt"], evaluation["max_new_tokens"]):
+        answers = method.answer_group(seen, artifacts, items)
+        prompts = [scorer.question(it) for it in items]
+    out = []
+    for subject, answer in zip(subjects, answers, strict=True):
+        if not isinstance(answer, Answers):  # a hyper-parameter left open: none was chosen
+            raise TypeError(f"{method.name}: replies under several {answer.name} values")
+        out.append(
+            reply_table(
+                subject.case, method.name, items, subject.answers(numbers), prompts, answer.texts
+            )
+        )
+    return out
+
+
 def evaluate_all(
     method: Method,
     subjects: Sequence[Subject],
@@ -166,11 +198,14 @@ def evaluate_all(
     save_artifacts: bool = True,
     tracker: RunTracker | None = None,
     meter: CostMeter | None = None,
+    evaluation: dict | None = None,
 ) -> list[ResultRow]:
     """Evaluate ``method`` on every subject, ``method.subject_batch`` at a time, with a progress
     bar. Each subject's answers, artifact (``save_artifacts``) and then row are written into
     ``run_dir`` atomically as soon as its group is done, so a killed run loses at most the group
-    in flight; subjects whose row is already there are not evaluated again (``resume``)."""
+    in flight; subjects whose row is already there are not evaluated again (``resume``).
+    ``evaluation`` (``evaluation=open_ended``): each subject's replies are written before its
+    row (:func:`group_replies`), so a finished subject has its replies."""
     done = run_dir.finished_rows(method.name)
     if done:
         log.info(
@@ -188,9 +223,13 @@ def evaluate_all(
     bar.update(len(subjects) - len(pending))
     for start in range(0, len(pending), size):
         stopping.check(f"{len(subjects) - len(pending) + start} of {len(subjects)} subjects")
-        for row, artifact, table in evaluate_group(
-            method, pending[start : start + size], inventory, meter
-        ):
+        group = pending[start : start + size]
+        evaluated = evaluate_group(method, group, inventory, meter)
+        if evaluation is not None and evaluation.get("name") == "open_ended":
+            artifacts = [artifact for _, artifact, _ in evaluated]
+            for table in group_replies(method, group, artifacts, inventory, evaluation):
+                write_replies(run_dir.replies_file(method.name, int(table["case"][0])), table)
+        for row, artifact, table in evaluated:
             write_table(run_dir.answers_file(method.name, row.case), table)
             if save_artifacts:
                 artifact.save(run_dir.artifacts(method.name) / str(row.case))
@@ -283,8 +322,12 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
                 save_artifacts=cfg.save_artifacts,
                 tracker=tracker,
                 meter=meter,
+                evaluation=evaluation,
             )
 
+        evaluation = (
+            OmegaConf.to_container(cfg.evaluation, resolve=True) if "evaluation" in cfg else None
+        )
         rows = {method.name: evaluate(method)}
         notes = method.notes(rows[method.name])
         method.teardown()
