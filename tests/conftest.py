@@ -93,6 +93,36 @@ def wait_for_rows(folder: Path, proc: subprocess.Popen, timeout: float = 300) ->
         time.sleep(0.05)
 
 
+def twice_with_a_fresh_cache(root: Path, overrides: list[str]) -> dict[str, tuple]:
+    """A run of ``overrides`` (in-process, :func:`palign.runs.runner.run`) into ``root/first``,
+    then the same into ``root/second``, with ``$PALIGN_CACHE`` a fresh ``root/cache`` (the
+    embedded tokenizer's conversion linked in) and put back after: what the first run cached,
+    the second finds. Returns ``{name: (summary, RunDir)}``."""
+    from palign.config import compose as compose_run
+    from palign.models.loading import converted_gguf_dir
+    from palign.rundir import RunDir
+    from palign.runs.runner import run
+
+    tokenizer = converted_gguf_dir()  # the shared cache's, converted there once
+    (root / "cache").mkdir()
+    (root / "cache" / tokenizer.name).symlink_to(tokenizer)
+    before = os.environ.get("PALIGN_CACHE")
+    os.environ["PALIGN_CACHE"] = str(root / "cache")
+    try:
+        outs = {}
+        for name in ("first", "second"):
+            cfg = compose_run([*overrides, f"hydra.run.dir={root / name}"])
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(root / name)
+            outs[name] = (run(cfg), RunDir(root / name))
+        return outs
+    finally:
+        if before is None:
+            os.environ.pop("PALIGN_CACHE", None)
+        else:
+            os.environ["PALIGN_CACHE"] = before
+
+
 def _papi_missing() -> str | None:
     try:
         locate_papi(None)

@@ -6,24 +6,20 @@ the cache (no set-up forward); bad settings are one error line each."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 
-from palign.config import compose
+from conftest import twice_with_a_fresh_cache
 from palign.data.papi import Subject
 from palign.errors import PASError
 from palign.eval.scoring import Scorer, ScoringConfig
 from palign.methods.base import MethodContext
 from palign.methods.pas_soup import PASSoup, soup_profile
 from palign.methods.population import expert_names, extreme_answers, soup_weights, trait_levels
-from palign.models.loading import converted_gguf_dir
 from palign.pas.profile import PASProfile
 from palign.rundir import RunDir
-from palign.runs.runner import run
 
 METHOD = "pas_soup_smoke"
 
@@ -33,32 +29,9 @@ def soup_runs(tmp_path_factory):
     """pas_soup_smoke on 2 subjects, twice, with a fresh cache (the converted tokenizer linked
     in): into ``first`` (the experts fitted), then ``second`` (same settings, another run dir)."""
     root = tmp_path_factory.mktemp("pas_soup")
-    tokenizer = converted_gguf_dir()  # the shared cache's, converted there once
-    (root / "cache").mkdir()
-    (root / "cache" / tokenizer.name).symlink_to(tokenizer)
-    before = os.environ.get("PALIGN_CACHE")
-    os.environ["PALIGN_CACHE"] = str(root / "cache")
-    try:
-        outs = {}
-        for name in ("first", "second"):
-            cfg = compose(
-                [
-                    "model=tiny_llama",
-                    "hardware=cpu",
-                    "dataset.limit=2",
-                    f"method={METHOD}",
-                    f"hydra.run.dir={root / name}",
-                ]
-            )
-            with open_dict(cfg):
-                cfg.paths.output_dir = str(root / name)
-            outs[name] = (run(cfg), RunDir(root / name))
-        yield outs
-    finally:
-        if before is None:
-            os.environ.pop("PALIGN_CACHE", None)
-        else:
-            os.environ["PALIGN_CACHE"] = before
+    return twice_with_a_fresh_cache(
+        root, ["model=tiny_llama", "hardware=cpu", "dataset.limit=2", f"method={METHOD}"]
+    )
 
 
 def _experts(rd: RunDir) -> dict[str, PASProfile]:

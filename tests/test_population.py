@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_LLAMA
-from palign.config import compose
+from conftest import TINY_LLAMA, twice_with_a_fresh_cache
 from palign.data.papi import Subject
 from palign.errors import ConfigError
 from palign.methods.population import (
@@ -29,7 +27,6 @@ from palign.methods.population import (
 from palign.methods.psoups import SOUP, soup_applied
 from palign.models import load_random
 from palign.rundir import RunDir
-from palign.runs.runner import run
 
 METHODS = ("psoups_smoke", "prompt_morl_smoke")
 
@@ -117,33 +114,10 @@ def test_a_population_without_rows_is_one_error(papi):
 def population_runs(tmp_path_factory):
     """psoups_smoke with prompt_morl_smoke compared, on 2 subjects, twice: into ``first`` with
     an empty cache, then into ``second`` (another run dir, same settings)."""
-    root = tmp_path_factory.mktemp("population")
-    before = os.environ.get("PALIGN_CACHE")
-    os.environ["PALIGN_CACHE"] = str(root / "cache")
-    try:
-        outs = {}
-        for name in ("first", "second"):
-            cfg = compose(
-                [
-                    "model=tiny_llama",
-                    "hardware=cpu",
-                    "dataset.limit=2",
-                    "method=psoups_smoke",
-                    "compare=[prompt_morl_smoke]",
-                    f"hydra.run.dir={root / name}",
-                ]
-            )
-            from omegaconf import open_dict
-
-            with open_dict(cfg):
-                cfg.paths.output_dir = str(root / name)
-            outs[name] = (run(cfg), RunDir(root / name))
-        yield outs
-    finally:
-        if before is None:
-            os.environ.pop("PALIGN_CACHE", None)
-        else:
-            os.environ["PALIGN_CACHE"] = before
+    overrides = ["model=tiny_llama", "hardware=cpu", "dataset.limit=2", "method=psoups_smoke"]
+    return twice_with_a_fresh_cache(
+        tmp_path_factory.mktemp("population"), [*overrides, "compare=[prompt_morl_smoke]"]
+    )
 
 
 def _training_rows(run_dir: RunDir, method: str) -> list[dict]:

@@ -275,10 +275,10 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.is_file() else []
 
 
-def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_path):
-    """submitit's requeue signal (SIGUSR2: SLURM's preemption or time limit) sent to a running
-    job of the local executor: the job stops at the next safe point, submitit requeues it with
-    ``resume=<sweep dir>`` (hydra_plugins.palign_requeue), and the next attempt finishes the subjects."""
+def _submitit_job_running(tmp_path: Path):
+    """A sweep of one no_change job (3 subjects) through submitit's local executor with palign's
+    launcher, once the job has written its first row: (sweep dir, job dir, the sweep's process,
+    the job's pid)."""
     sweep = tmp_path / "sweep"
     args = [
         "-m", "hydra/launcher=submitit_local",
@@ -291,18 +291,30 @@ def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_pat
     wait_for_rows(job / "results" / "no_change", proc)
     (controller,) = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
     (task,) = _children(controller)
+    return sweep, job, proc, task
+
+
+def _resumed_like_uninterrupted(job: Path, reference: dict[int, ResultRow]) -> None:
+    """The job's second attempt resumed its dir and finished the 3 subjects, the first two
+    with the numbers of ``reference`` (an uninterrupted run's no_change rows)."""
+    assert list((job / ".hydra").glob("resume_*")), "the second attempt did not resume"
+    done = RunDir(job).read_rows("no_change", "no_change")
+    assert [r.case for r in done] == RunDir(job).read_summary().cases and len(done) == 3
+    for row in done[:2]:
+        assert metrics(row) == pytest.approx(metrics(reference[row.case]))
+
+
+def test_a_requeued_submitit_job_resumes_where_it_stopped(uninterrupted, tmp_path):
+    """submitit's requeue signal (SIGUSR2: SLURM's preemption or time limit) sent to a running
+    job of the local executor: the job stops at the next safe point, submitit requeues it with
+    ``resume=<sweep dir>`` (hydra_plugins.palign_requeue), and the next attempt finishes the subjects."""
+    sweep, job, proc, task = _submitit_job_running(tmp_path)
     os.kill(task, signal.SIGUSR2)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
     assert "palign: stopped by SIGUSR2 after 1 of 3 subjects; requeued" in log, log[-3000:]
-    assert list((job / ".hydra").glob("resume_*")), "the second attempt did not resume"
-    summary = RunDir(job).read_summary()
-    done = RunDir(job).read_rows("no_change", "no_change")
-    assert [r.case for r in done] == summary.cases and len(summary.cases) == 3
-    reference = uninterrupted["no_change"]
-    for row in done[:2]:
-        assert metrics(row) == pytest.approx(metrics(reference[row.case]))
+    _resumed_like_uninterrupted(job, uninterrupted["no_change"])
     assert not (job / RunDir.LOCK).exists()
 
 
@@ -313,18 +325,7 @@ def test_a_job_the_scheduler_requeues_after_a_sigterm_resumes_where_it_stopped(
     job of submitit's local executor at its next safe point, and the job fails; SLURM then
     starts the same job again, with the same command and environment (done here by hand). That
     attempt resumes the job's dir: it evaluates only the subjects not done."""
-    sweep = tmp_path / "sweep"
-    args = [
-        "-m", "hydra/launcher=submitit_local",
-        "hydra.launcher._target_=hydra_plugins.palign_requeue.LocalLauncher",
-        "model=tiny_llama", "hardware=cpu", "method=no_change", "dataset.limit=3",
-        f"hydra.sweep.dir={sweep}",
-    ]  # fmt: skip
-    proc = spawn_palign(args)
-    job = sweep / "0_no_change_tiny_llama"
-    wait_for_rows(job / "results" / "no_change", proc)
-    (controller,) = [int(p.name) for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
-    (task,) = _children(controller)
+    sweep, job, proc, task = _submitit_job_running(tmp_path)
     proc_dir = Path(f"/proc/{task}")
     command = proc_dir.joinpath("cmdline").read_bytes().decode().split("\0")[:-1]
     env = dict(
@@ -339,12 +340,7 @@ def test_a_job_the_scheduler_requeues_after_a_sigterm_resumes_where_it_stopped(
     assert len(list((job / "results" / "no_change").glob("*.json"))) == 1
     again = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert list((job / ".hydra").glob("resume_*")), "the second attempt did not resume"
-    done = RunDir(job).read_rows("no_change", "no_change")
-    assert [r.case for r in done] == RunDir(job).read_summary().cases and len(done) == 3
-    reference = uninterrupted["no_change"]
-    for row in done[:2]:
-        assert metrics(row) == pytest.approx(metrics(reference[row.case]))
+    _resumed_like_uninterrupted(job, uninterrupted["no_change"])
 
 
 class SignalOnJobStart(Callback):

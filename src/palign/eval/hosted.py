@@ -31,13 +31,12 @@ from palign.constants import LETTER_SCORE, OPTION_LETTERS, UNPARSED
 from palign.data.papi import Item
 from palign.errors import ModelError
 from palign.eval.answers import Answers
-from palign.eval.prompts import item_question
+from palign.eval.prompts import asked_question
 from palign.eval.scoring import (
     ScoringConfig,
     ScoringError,
     answer_match,
     check_scoring,
-    reply_question,
 )
 from palign.models.hosted import HostedError, HostedModel, Reply
 
@@ -67,9 +66,7 @@ class HostedScorer:
     def question(self, item: Item) -> str:
         """The inventory question about ``item`` as this scorer asks it (inside
         :meth:`replies`: the open-ended question)."""
-        if self._reply_prompt is not None:
-            return reply_question(self._reply_prompt, item, self.config.strip_period)
-        return item_question(item, self.config.strip_period)
+        return asked_question(item, self._reply_prompt, self.config.strip_period)
 
     @contextmanager
     def replies(self, prompt: str, max_new_tokens: int):

@@ -44,6 +44,21 @@ def item_question(item: Item, strip_period: bool = True) -> str:
     return ITEM_TEMPLATE.format(item=item_statement(item, strip_period))
 
 
+def reply_question(prompt: str, item: Item, strip_period: bool = True) -> str:
+    """The open-ended question ``prompt`` about ``item`` (``{statement}``: its statement, as
+    written in the inventory, e.g. "Worry about things")."""
+    text = item.text.strip()
+    return prompt.replace("{statement}", text.rstrip(".") if strip_period else text)
+
+
+def asked_question(item: Item, reply_prompt: str | None, strip_period: bool = True) -> str:
+    """What a scorer asks about ``item``: the open-ended ``reply_prompt`` (while it collects
+    replies, :func:`reply_question`), else the inventory question (:func:`item_question`)."""
+    if reply_prompt is not None:
+        return reply_question(reply_prompt, item, strip_period)
+    return item_question(item, strip_period)
+
+
 def reference_contrastive_question(item: Item) -> str:
     """The question of the reference code's contrastive (A/E) prompts: the statement as printed,
     neither lower-cased nor stripped ("You Worry about things..")."""

@@ -36,7 +36,7 @@ from palign.constants import LETTER_SCORE, OPTION_LETTERS, UNPARSED
 from palign.data.papi import Item
 from palign.errors import ModelError
 from palign.eval.answers import Answers
-from palign.eval.prompts import PromptRenderer, item_question
+from palign.eval.prompts import PromptRenderer, asked_question
 from palign.models.batching import left_pad, position_ids
 from palign.models.loading import LoadedModel
 from palign.models.placement import make_trainer
@@ -396,9 +396,7 @@ class Scorer:
     def question(self, item: Item) -> str:
         """The inventory question about ``item`` as this scorer asks it (inside
         :meth:`replies`: the open-ended question)."""
-        if self._reply_prompt is not None:
-            return reply_question(self._reply_prompt, item, self.config.strip_period)
-        return item_question(item, self.config.strip_period)
+        return asked_question(item, self._reply_prompt, self.config.strip_period)
 
     @contextmanager
     def replies(self, prompt: str, max_new_tokens: int):
@@ -543,13 +541,6 @@ class Scorer:
             stop = int(end.nonzero()[0, 0]) + 1 if end.any() else len(row)
             rows.append(row[:stop])
         return self.loaded.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
-
-
-def reply_question(prompt: str, item: Item, strip_period: bool = True) -> str:
-    """The open-ended question ``prompt`` about ``item`` (``{statement}``: its statement, as
-    written in the inventory, e.g. "Worry about things")."""
-    text = item.text.strip()
-    return prompt.replace("{statement}", text.rstrip(".") if strip_period else text)
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

@@ -60,13 +60,11 @@ from palign.methods.checks import choice, fail, number
 from palign.methods.pas import ALIGNMENT_ITEMS, PAS, PASArtifact, PASSettings
 from palign.methods.population import (
     NORMALIZE,
-    PopulationStore,
     TrainingRow,
-    digest,
     expert_names,
     expert_rows,
-    model_key,
     soup_weights,
+    trained_once,
     trait_levels,
 )
 from palign.pas.activations import contrastive_prompts
@@ -198,17 +196,15 @@ class PASSoup(Method):
         rows = expert_rows(self.items)
         prompts = contrastive_prompts(context.scorer, self.items, shape=self.contrastive)
         key = {
-            "model": model_key(loaded),
             "settings": self.settings.fitting(),
             "prompts": hashlib.sha256(str(prompts).encode()).hexdigest()[:16],
-            "rows": digest(rows),
         }
-        store = PopulationStore(self.name, key)
-        self.population = store.load_or_train(rows, self._fit_experts)
-        store.copy_to(context.population_dir)
+        self.population, folder = trained_once(
+            self.name, loaded, key, rows, self._fit_experts, context.population_dir
+        )
         self.experts = {}
         for name in expert_names():
-            profile = PASProfile.load(store.path / "experts" / name / "profile")
+            profile = PASProfile.load(folder / "experts" / name / "profile")
             profile.check_fits(self.pas.layout, loaded.name)
             self.experts[name] = profile
 
@@ -233,7 +229,6 @@ class PASSoup(Method):
                 "labelled_items": profile.meta["labelled_items"],
             }
         return {
-            "model": model_key(self.context.scorer.loaded),
             "experts": record,
             "activations_s": self.pas.activation_s,
             "probes_s": probe_s,

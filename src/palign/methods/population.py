@@ -232,6 +232,24 @@ def curves(folder: Path) -> dict[str, list[dict[str, float]]]:
     }
 
 
+def trained_once(
+    method: str,
+    loaded,
+    key: dict,
+    rows: Sequence[TrainingRow],
+    train: Callable[[Path], dict],
+    run_folder: Path | None,
+) -> tuple[dict, Path]:
+    """What ``method`` trains on ``rows`` for the ``loaded`` model, once: from the cache entry
+    keyed by the model (:func:`model_key`), ``key`` (the training settings, ...) and the rows'
+    digest, else ``train(folder)`` into it; copied to the run's ``run_folder``. Returns
+    ``population.json``'s content and the cache entry's folder."""
+    store = PopulationStore(method, {"model": model_key(loaded), **key, "rows": digest(rows)})
+    info = store.load_or_train(rows, train)
+    store.copy_to(run_folder)
+    return info, store.path
+
+
 def check_store(path: Path | str, model: str) -> dict:
     """The ``population.json`` of a population folder given by the user (``method.
     population_from``), checked: it exists, and it was trained on ``model``."""

@@ -43,14 +43,12 @@ from palign.methods.lora import (
     answer_completion,
 )
 from palign.methods.population import (
-    PopulationStore,
     TrainingRow,
     check_store,
     curves,
-    digest,
     levels_text,
-    model_key,
     population_rows,
+    trained_once,
     trait_levels,
 )
 from palign.methods.prompting import PromptArtifact
@@ -136,15 +134,14 @@ class PromptMORL(LoraMethod):
             self.population = check_store(folder, loaded.name)
         else:
             rows = population_rows(context.data, self.population_size, self.seed)
-            key = {
-                "model": model_key(loaded),
-                "settings": self.settings.training(),
-                "rows": digest(rows),
-            }
-            store = PopulationStore(self.name, key)
-            self.population = store.load_or_train(rows, lambda f: self._train(f, rows))
-            folder = store.path
-            store.copy_to(context.population_dir)
+            self.population, folder = trained_once(
+                self.name,
+                loaded,
+                {"settings": self.settings.training()},
+                rows,
+                lambda f: self._train(f, rows),
+                context.population_dir,
+            )
         self.folder = folder
         self.adapter = AdapterArtifact.load(folder / "adapter")
 
@@ -203,7 +200,7 @@ class PromptMORL(LoraMethod):
             "timing": {"train_s": time.perf_counter() - start},
         }
         self.artifact(0, module.history, record).save(folder / "adapter")
-        return {"model": model_key(self.context.scorer.loaded), "adapter": record}
+        return {"adapter": record}
 
     def population_curves(self) -> dict[str, list[dict[str, float]]]:
         return curves(self.folder)

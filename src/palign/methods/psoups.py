@@ -34,15 +34,13 @@ from palign.methods.checks import choice, optional, path
 from palign.methods.lora import AdapterArtifact
 from palign.methods.population import (
     NORMALIZE,
-    PopulationStore,
     TrainingRow,
     check_store,
     curves,
-    digest,
     expert_names,
     expert_rows,
-    model_key,
     soup_weights,
+    trained_once,
     trait_levels,
 )
 from palign.methods.ppo import PPO, PPOSettings
@@ -122,16 +120,14 @@ class PSoups(PPO):
             folder = Path(self.population_from)
             self.population = check_store(folder, loaded.name)
         else:
-            rows = self.training_rows()
-            key = {
-                "model": model_key(loaded),
-                "settings": self.settings.training(),
-                "rows": digest(rows),
-            }
-            store = PopulationStore(self.name, key)
-            self.population = store.load_or_train(rows, self._train_experts)
-            folder = store.path
-            store.copy_to(context.population_dir)
+            self.population, folder = trained_once(
+                self.name,
+                loaded,
+                {"settings": self.settings.training()},
+                self.training_rows(),
+                self._train_experts,
+                context.population_dir,
+            )
         self.folder = folder
         self._load_experts(folder, loaded.name)
 
@@ -142,7 +138,6 @@ class PSoups(PPO):
 
     def _train_experts(self, folder: Path) -> dict:
         """Train the ten experts one after another into ``folder/experts/<name>/``."""
-        loaded = self.context.scorer.loaded
         record = {}
         rows = self.training_rows()
         for k, name in enumerate(expert_names()):
@@ -155,7 +150,7 @@ class PSoups(PPO):
             expert = self.artifact(k, history, summary)
             expert.save(folder / "experts" / name)
             record[name] = summary
-        return {"model": model_key(loaded), "experts": record}
+        return {"experts": record}
 
     def _load_experts(self, folder: Path, model: str) -> None:
         """Each expert of ``folder/experts/`` as an adapter of the wrapped model, by name."""
