@@ -4,6 +4,8 @@ import torch
 
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
 from palign.eval.scoring import (
+    Scorer,
+    ScoringConfig,
     ScoringError,
     common_prefix_length,
     eos_ids,
@@ -286,7 +288,7 @@ def test_each_layers_slab_is_on_that_layers_device(tiny):
     shape = (2, config.num_key_value_heads, 5, config.hidden_size // config.num_attention_heads)
     devices = ["cpu" if i % 2 == 0 else "meta" for i in range(layers)]
     prefix = [(torch.randn(shape, device=d), torch.randn(shape, device=d)) for d in devices]
-    slab = PrefixSlab(prefix, config, rows=3, capacity=9, mask_dtype=torch.long, mask_device="cpu")
+    slab = PrefixSlab(prefix, 5, config, 3, capacity=9, mask_dtype=torch.long, mask_device="cpu")
     assert slab.capacity == 64 and slab.fits(3, 64, torch.long) and not slab.fits(4, 9, torch.long)
     cache = slab.cache(torch.tensor([1, 0]))
     for layer, device in zip(cache.layers, devices):
@@ -302,3 +304,46 @@ def test_each_layers_slab_is_on_that_layers_device(tiny):
     slab.cache(torch.tensor([0, 0, 1]))
     assert slab.row_variant == [0, 0, 1] and slab.keys[0][1, :, :5].eq(0).all()
     torch.testing.assert_close(slab.keys[0][0, :, :5], prefix[0][0][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [48, 4096])
+def test_sliding_window_layers_keep_transformers_cache(papi, window):
+    """Layers of another kind than plain full attention (here Mistral's sliding windows) keep
+    transformers' cache class, given each row's prefix as before; the mask still covers the whole
+    prefix when a window holds less of it. With a window longer than the prompts, the replies
+    are those of a greedy decode by full forwards."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from conftest import TINY_LLAMA
+    from palign.models import load_random
+
+    config = dict(TINY_LLAMA, model_type="mistral", sliding_window=window)
+    loaded = load_random("tiny_mistral", config, seed=0)
+    steps = 5
+    scorer = Scorer(loaded, ScoringConfig(mode="generate", batch_size=3, max_new_tokens=steps))
+    inv, subject = papi.inventory, papi.subjects[0]
+    system = few_shot_system_prompt(inv.train_items[:12], subject.answers(inv.train[:12]))
+    prompts = scorer.encode_prompts(system, inv.test_items[:5])
+    seen = []
+
+    def record(module, args, kwargs):
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if mask is not None:  # a suffix or decoding step, not the prefix
+            seen.append(({type(layer) for layer in cache.layers}, mask.clone()))
+
+    handle = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        outputs = scorer.run(prompts)
+    finally:
+        handle.remove()
+    prefix = scorer._module.prefix_length
+    assert prefix > 48
+    assert seen and all(types == {DynamicSlidingWindowLayer} for types, _ in seen)
+    assert all(bool(mask[:, :prefix].all()) for _, mask in seen)
+    if window > max(map(len, prompts)) + steps:
+        order = torch.cat([o["index"] for o in outputs]).argsort()
+        tokens = torch.cat([o["tokens"] for o in outputs])[order].tolist()
+        eos = set(scorer._module.eos_ids)
+        for prompt, row in zip(prompts, tokens):
+            want = _plain_greedy(loaded.model, prompt, steps, eos)
+            assert row[: len(want)] == want

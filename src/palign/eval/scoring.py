@@ -299,7 +299,13 @@ class ItemScorer(L.LightningModule):
         if self._slab is None or not self._slab.fits(rows, length, mask_dtype):
             self._slab = None  # freed before the next one is allocated
             self._slab = PrefixSlab(
-                prefix, self.model.config, rows, length, mask_dtype, variant.device
+                prefix,
+                self.prefix_length,
+                self.model.config,
+                rows,
+                length,
+                mask_dtype,
+                variant.device,
             )
         return self._slab.cache(variant), self._slab.mask[:rows]
 

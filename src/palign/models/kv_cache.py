@@ -74,8 +74,9 @@ class SlabLayer(CacheLayerMixin):
 
 class PrefixSlab:
     """Preallocated keys, values and attention mask for up to ``rows`` rows of ``capacity``
-    positions, continuing the prefix whose per-layer KV is ``prefix`` (each (variants, kv heads,
-    prefix length, head dim), or ``None`` for a layer that holds no cache).
+    positions, continuing the prefix of ``prefix_length`` tokens whose per-layer KV is ``prefix``
+    (each (variants, kv heads, positions, head dim): all ``prefix_length`` positions for a full
+    attention layer, fewer for a sliding window; or ``None`` for a layer that holds no cache).
 
     ``config``: the model's, to know which layers are plain full attention (those get slab
     layers; the others keep their transformers class). ``mask_dtype`` and ``mask_device``: of
@@ -85,6 +86,7 @@ class PrefixSlab:
     def __init__(
         self,
         prefix: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]],
+        prefix_length: int,
         config,
         rows: int,
         capacity: int,
@@ -93,7 +95,7 @@ class PrefixSlab:
     ):
         self.prefix = list(prefix)
         self.config = config
-        self.prefix_length = next(k.shape[2] for k, _ in self.prefix if k is not None)
+        self.prefix_length = prefix_length
         self.rows = rows
         self.capacity = -(-capacity // ROUND) * ROUND
         self.full = [type(layer) is DynamicLayer for layer in self._empty_cache().layers]
@@ -104,6 +106,8 @@ class PrefixSlab:
                 self.keys.append(None)
                 self.values.append(None)
                 continue
+            if k.shape[2] != prefix_length:
+                raise ValueError(f"a full attention layer holds {k.shape[2]} of {prefix_length}")
             shape = (rows, k.shape[1], self.capacity)
             self.keys.append(torch.empty(*shape, k.shape[3], dtype=k.dtype, device=k.device))
             self.values.append(torch.empty(*shape, v.shape[3], dtype=v.dtype, device=v.device))
