@@ -4,6 +4,8 @@ import torch
 
 from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT, few_shot_system_prompt
 from palign.eval.scoring import (
+    Scorer,
+    ScoringConfig,
     ScoringError,
     common_prefix_length,
     eos_ids,
@@ -142,3 +144,206 @@ def test_scoring_shows_a_bar_over_batches(papi, make_scorer, capsys):
     assert "logit 40 prompts" in err and "0/3 [" in err  # a bar over ceil(40 / 16) batches
     scorer.score(NEUTRAL_SYSTEM_PROMPT, items[:5])  # one batch: no bar
     assert "prompts" not in capsys.readouterr().err
+
+
+class _RowShift:
+    """An intervention that varies by row: adds ``alpha[variant] * direction`` to the first
+    decoder layer's output, the variant of each row told before every forward (as PAS does)."""
+
+    def __init__(self, model, alphas):
+        generator = torch.Generator().manual_seed(1)
+        self.direction = torch.randn(model.config.hidden_size, generator=generator)
+        self.alpha = torch.tensor(alphas)
+        self.rows = torch.zeros(1, dtype=torch.long)
+        self.stages: list[tuple[str, list[int]]] = []
+        self.handle = model.model.layers[0].register_forward_hook(self._shift)
+
+    def listen(self, stage, variant):
+        self.stages.append((stage, variant.tolist()))
+        self.rows = variant
+
+    def _shift(self, module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        shifted = hidden + self.alpha[self.rows][:, None, None] * self.direction
+        return (shifted, *out[1:]) if isinstance(out, tuple) else shifted
+
+
+def _plain_greedy(model, ids, steps, eos):
+    """Greedy decoding without any cache: a full forward of the whole sequence per token."""
+    ids, new = list(ids), []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+            ids.append(token)
+    return new
+
+
+def test_greedy_rows_and_variants_equal_a_plain_greedy_decode(papi, tiny, make_scorer):
+    """Rows of different lengths, three prefix variants (a per-row intervention), batches of 3
+    from the shared, preallocated cache: each row's tokens are those of a greedy decode by full
+    forwards of that prompt alone (no cache at all); listeners see every stage with each row's
+    variant; every generated token is counted, through EOS."""
+    steps, pad = 7, tiny.tokenizer.pad_token_id
+    scorer = make_scorer(mode="generate", batch_size=3, max_new_tokens=steps)
+    inv, subject = papi.inventory, papi.subjects[0]
+    system = few_shot_system_prompt(inv.train_items[:12], subject.answers(inv.train[:12]))
+    prompts = scorer.encode_prompts(system, inv.test_items[:8])
+    assert len({len(p) for p in prompts}) > 1
+    variants = [i % 3 for i in range(len(prompts))]
+    shift = _RowShift(tiny.model, [0.0, 1.5, -3.0])
+    module = scorer._module
+    module.listeners.append(shift.listen)
+    counted = []
+    module.on_generated = counted.append
+    try:
+        outputs = scorer.run(prompts, variants, n_variants=3)
+        order = torch.cat([o["index"] for o in outputs]).argsort()
+        tokens = torch.cat([o["tokens"] for o in outputs])[order].tolist()
+        eos = set(module.eos_ids)
+        expected = []
+        for prompt, variant in zip(prompts, variants):
+            shift.rows = torch.tensor([variant])
+            expected.append(_plain_greedy(tiny.model, prompt, steps, eos))
+    finally:
+        shift.handle.remove()
+        module.listeners.remove(shift.listen)
+        module.clear_prefix_cache()
+    assert [row[: len(want)] for row, want in zip(tokens, expected)] == expected
+    assert all(set(row[len(want) :]) <= {pad} for row, want in zip(tokens, expected))
+    assert sum(counted) == sum(map(len, expected))
+    assert len({tuple(row) for row in tokens}) > 1  # the variants do change the replies
+    assert shift.stages[:2] == [("start", []), ("prefix", [0, 1, 2])]
+    suffixes = [rows for stage, rows in shift.stages if stage == "suffix"]
+    assert sorted(sum(suffixes, [])) == sorted(variants)  # each row once, with its variant
+    decodes = [stage for stage, _ in shift.stages].count("decode")
+    assert decodes == len(counted) - len(suffixes)  # one forward per step after the first
+    current = None
+    for stage, rows in shift.stages[2:]:
+        current = rows if stage == "suffix" else current
+        assert stage in ("suffix", "decode") and rows == current  # a batch's rows, each step
+
+
+def test_decoding_writes_one_preallocated_cache_in_place(papi, tiny, make_scorer, monkeypatch):
+    """Counted, not timed: after the prefix is cached, no tensor as long as the prefix is built
+    by concatenation (neither the keys and values nor the attention mask grow per step), and
+    every forward of a run sees the same key, value and mask storage, from the first batch's
+    suffix to the last batch's last decoding step."""
+    steps = 9
+    scorer = make_scorer(mode="generate", batch_size=4, max_new_tokens=steps)
+    scorer._module.eos_ids = [-1]  # no row ends early: every batch decodes every step
+    inv, subject = papi.inventory, papi.subjects[0]
+    system = few_shot_system_prompt(inv.train_items[:12], subject.answers(inv.train[:12]))
+    prompts = scorer.encode_prompts(system, inv.test_items[:8])
+    scorer.run(prompts)  # computes and caches the prefix
+    prefix = scorer._module.prefix_length
+    assert prefix > max(len(p) for p in prompts) - prefix + steps  # longer than any suffix
+
+    storage = set()
+
+    def record(module, args, kwargs):
+        cache = kwargs["past_key_values"]
+        storage.add(
+            (
+                tuple(layer.keys.data_ptr() for layer in cache.layers),
+                tuple(layer.values.data_ptr() for layer in cache.layers),
+                kwargs["attention_mask"].data_ptr(),
+            )
+        )
+
+    grown = []
+    cat = torch.cat
+
+    def spy(tensors, dim=0, **kwargs):
+        out = cat(tensors, dim, **kwargs)
+        if out.shape[dim] >= prefix:
+            grown.append(tuple(out.shape))
+        return out
+
+    handle = tiny.model.register_forward_pre_hook(record, with_kwargs=True)
+    monkeypatch.setattr(torch, "cat", spy)
+    before = tiny.meter.snapshot()
+    try:
+        outputs = scorer.run(prompts)
+    finally:
+        handle.remove()
+    cost = tiny.meter.snapshot() - before
+    assert cost.forward_calls == 2 * steps  # 2 batches: a suffix forward, then steps - 1
+    assert cost.generated_tokens == 8 * steps
+    assert all(o["tokens"].shape == (4, steps) for o in outputs)
+    assert grown == []
+    assert len(storage) == 1
+
+
+def test_each_layers_slab_is_on_that_layers_device(tiny):
+    """A model spread over devices keeps each layer's cache where the layer's prefix KV is (here
+    CPU and meta layers alternating, as GPUs would), the mask where the batches are; a row's
+    prefix is written again only when a batch puts another variant in it."""
+    from palign.models.kv_cache import PrefixSlab, SlabLayer
+
+    config = tiny.model.config
+    layers = config.num_hidden_layers
+    shape = (2, config.num_key_value_heads, 5, config.hidden_size // config.num_attention_heads)
+    devices = ["cpu" if i % 2 == 0 else "meta" for i in range(layers)]
+    prefix = [(torch.randn(shape, device=d), torch.randn(shape, device=d)) for d in devices]
+    slab = PrefixSlab(prefix, 5, config, 3, capacity=9, mask_dtype=torch.long, mask_device="cpu")
+    assert slab.capacity == 64 and slab.fits(3, 64, torch.long) and not slab.fits(4, 9, torch.long)
+    cache = slab.cache(torch.tensor([1, 0]))
+    for layer, device in zip(cache.layers, devices):
+        assert isinstance(layer, SlabLayer) and layer.keys.device.type == device
+        assert layer.keys.shape == (2, *shape[1:]) and layer.get_seq_length() == 5
+    assert slab.row_variant == [1, 0, -1]
+    torch.testing.assert_close(cache.layers[0].keys, prefix[0][0][[1, 0]], rtol=0, atol=0)
+    k = torch.randn(2, shape[1], 3, shape[3])
+    keys, _ = cache.layers[0].update(k, k)
+    assert keys.shape[2] == 8 and keys.data_ptr() == slab.keys[0].data_ptr()
+    torch.testing.assert_close(keys[:, :, 5:], k, rtol=0, atol=0)
+    slab.keys[0][1, :, :5] = 0  # a row that keeps its variant is not written again
+    slab.cache(torch.tensor([0, 0, 1]))
+    assert slab.row_variant == [0, 0, 1] and slab.keys[0][1, :, :5].eq(0).all()
+    torch.testing.assert_close(slab.keys[0][0, :, :5], prefix[0][0][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("window", [48, 4096])
+def test_sliding_window_layers_keep_transformers_cache(papi, window):
+    """Layers of another kind than plain full attention (here Mistral's sliding windows) keep
+    transformers' cache class, given each row's prefix as before; the mask still covers the whole
+    prefix when a window holds less of it. With a window longer than the prompts, the replies
+    are those of a greedy decode by full forwards."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    from conftest import TINY_LLAMA
+    from palign.models import load_random
+
+    config = dict(TINY_LLAMA, model_type="mistral", sliding_window=window)
+    loaded = load_random("tiny_mistral", config, seed=0)
+    steps = 5
+    scorer = Scorer(loaded, ScoringConfig(mode="generate", batch_size=3, max_new_tokens=steps))
+    inv, subject = papi.inventory, papi.subjects[0]
+    system = few_shot_system_prompt(inv.train_items[:12], subject.answers(inv.train[:12]))
+    prompts = scorer.encode_prompts(system, inv.test_items[:5])
+    seen = []
+
+    def record(module, args, kwargs):
+        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        if mask is not None:  # a suffix or decoding step, not the prefix
+            seen.append(({type(layer) for layer in cache.layers}, mask.clone()))
+
+    handle = loaded.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        outputs = scorer.run(prompts)
+    finally:
+        handle.remove()
+    prefix = scorer._module.prefix_length
+    assert prefix > 48
+    assert seen and all(types == {DynamicSlidingWindowLayer} for types, _ in seen)
+    assert all(bool(mask[:, :prefix].all()) for _, mask in seen)
+    if window > max(map(len, prompts)) + steps:
+        order = torch.cat([o["index"] for o in outputs]).argsort()
+        tokens = torch.cat([o["tokens"] for o in outputs])[order].tolist()
+        eos = set(scorer._module.eos_ids)
+        for prompt, row in zip(prompts, tokens):
+            want = _plain_greedy(loaded.model, prompt, steps, eos)
+            assert row[: len(want)] == want

@@ -5,6 +5,9 @@ All item prompts of one call share a long token prefix (chat template, system pr
 once; its KV cache is reused for every batch. The remaining tokens of each prompt (the suffix) are
 left-padded *after* the prefix, with explicit position ids, so all rows end in the same column:
 one forward gives every row's next-token logits, and greedy decoding appends columns in lockstep.
+The keys, values and attention mask of a batch are preallocated for its whole decode
+(:mod:`palign.models.kv_cache`, reused by the next batch while it fits): each row's prefix is
+written into them once, each decoded token in place; nothing grows by concatenation per step.
 
 Two ways to answer (``mode``):
 
@@ -242,6 +245,8 @@ class ItemScorer(L.LightningModule):
         self._prefix_ids: list[int] = []
         self._variants = 1
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        #: Keys, values and mask preallocated for a batch's whole decode (see ``_batch_cache``).
+        self._slab = None
         self.listeners: list[ForwardListener] = []
         #: Whether ``generate`` mode decodes (off for runs that only record activations).
         self.decode = True
@@ -260,10 +265,12 @@ class ItemScorer(L.LightningModule):
             self._prefix_ids = list(prefix_ids)
             self._variants = variants
             self._prefix_kv = None
+            self._slab = None
 
     def clear_prefix_cache(self) -> None:
         """Forget the cached prefix KV (call after changing the model, e.g. adding hooks)."""
         self._prefix_kv = None
+        self._slab = None
 
     @property
     def prefix_length(self) -> int:
@@ -273,26 +280,44 @@ class ItemScorer(L.LightningModule):
         for listener in self.listeners:
             listener(stage, variant)
 
-    def _prefix_cache(self, variant: torch.Tensor):
-        """A cache holding, for each row, the prefix KV of that row's variant. ``variant``: (B,)."""
-        from transformers import DynamicCache
-
+    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's prefix keys and values, (variants, kv heads, prefix length, head dim),
+        computed on first use in one forward with one row per variant."""
         if self._prefix_kv is None:
+            self._slab = None
             ids = torch.tensor([self._prefix_ids], device=self.device).expand(self._variants, -1)
             self._notify("prefix", torch.arange(self._variants, device=self.device))
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # no logits needed
             self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self._prefix_kv
+
+    def _batch_cache(self, variant: torch.Tensor, width: int, mask_dtype: torch.dtype):
+        """The cache and the attention-mask buffer for a batch of ``len(variant)`` rows of
+        ``width`` suffix tokens continuing the prefix, with room for every token the batch
+        decodes: a :class:`~palign.models.kv_cache.PrefixSlab` kept from batch to batch while
+        it is large enough (the prefix is then not copied again)."""
+        from palign.models.kv_cache import PrefixSlab
+
+        prefix = self._prefix_cache()
         rows = variant.shape[0]
-        if self._variants == 1:  # broadcast views; the cache's first update copies them once
-            data = [
-                (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self._prefix_kv
-            ]
-        else:
-            data = [  # a model spread over GPUs keeps each layer's cache on the layer's GPU
-                (k.index_select(0, variant.to(k.device)), v.index_select(0, variant.to(v.device)))
-                for k, v in self._prefix_kv
-            ]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+        steps = self.max_new_tokens - 1 if self.mode == "generate" and self.decode else 0
+        length = self.prefix_length + width + steps
+        if self._slab is None or not self._slab.fits(rows, length, mask_dtype):
+            self._slab = None  # freed before the next one is allocated
+            self._slab = PrefixSlab(
+                prefix,
+                self.prefix_length,
+                self.model.config,
+                rows,
+                length,
+                mask_dtype,
+                variant.device,
+            )
+        return self._slab.cache(variant), self._slab.mask[:rows]
+
+    def on_predict_end(self) -> None:
+        """The slab is not kept between runs (the device memory goes back)."""
+        self._slab = None
 
     def forward(self, input_ids, attention_mask, past_key_values, position_ids):
         return (
@@ -315,20 +340,25 @@ class ItemScorer(L.LightningModule):
         variant = batch.get("variant")
         if variant is None:
             variant = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-        rows, prefix = ids.shape[0], self.prefix_length
-        cache = self._prefix_cache(variant)
-        full_mask = torch.cat([mask.new_ones(rows, prefix), mask], dim=1)
+        prefix, width = self.prefix_length, ids.shape[1]
+        cache, mask_buffer = self._batch_cache(variant, width, mask.dtype)
+        mask_buffer[:, prefix : prefix + width] = mask
         positions = position_ids(mask, start=prefix)
         self._notify("suffix", variant)
-        logits = self(ids, full_mask, cache, positions)
+        logits = self(ids, mask_buffer[:, : prefix + width], cache, positions)
         out = {"index": batch["index"]}
         if self.letter_ids is not None:
             out["letter_logprobs"] = torch.log_softmax(logits, -1)[:, self.letter_ids]
         if self.mode == "generate" and self.decode:
-            out["tokens"] = self._greedy(logits, full_mask, positions[:, -1], cache, variant)
+            out["tokens"] = self._greedy(
+                logits, mask_buffer, prefix + width, positions[:, -1], cache, variant
+            )
         return out
 
-    def _greedy(self, logits, mask, last_position, cache, variant) -> torch.Tensor:
+    def _greedy(self, logits, mask_buffer, length, last_position, cache, variant) -> torch.Tensor:
+        """Greedy decoding in lockstep; ``mask_buffer`` (rows, capacity) holds the attention mask
+        of the first ``length`` positions and gets one more column per step, in place, as the
+        cache gets each step's keys and values."""
         rows = logits.shape[0]
         eos = torch.tensor(self.eos_ids, device=logits.device)
         tokens = torch.full(
@@ -342,10 +372,11 @@ class ItemScorer(L.LightningModule):
             done |= torch.isin(nxt, eos)
             if done.all() or step == self.max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            mask_buffer[:, length] = 1
+            length += 1
             last_position = last_position + 1
             self._notify("decode", variant)
-            logits = self(nxt[:, None], mask, cache, last_position[:, None])
+            logits = self(nxt[:, None], mask_buffer[:, :length], cache, last_position[:, None])
         return tokens
 
 
