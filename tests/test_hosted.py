@@ -307,11 +307,14 @@ def test_a_server_without_logprobs_in_logit_mode_is_one_error(server, env, monke
     server.reset(logprobs=False)
     run_dir = env / "nologprobs"
     args = [a for a in argv(server, run_dir, "dataset.limit=1") if "scoring.mode" not in a]
-    args.append("model.cache=false")
+    args += ["model.cache=false", "model.max_concurrency=1"]
     assert invoke("palign", args, monkeypatch) == 1
     err = capsys.readouterr().err
     assert "returned no logprobs" in error_line(err)
     assert "hint: use scoring.mode=generate" in err
+    # the first reply tells (not the subject's 180th): at most the request that the worker
+    # took while the error reached the main thread is sent after it
+    assert 1 <= len(server.log) < 20
 
 
 def test_faults_are_retried_or_kept_as_unparseable(server, env, monkeypatch):

@@ -27,6 +27,7 @@ from palign.data.papi import Item
 from palign.errors import ConfigError, RunDirError
 from palign.eval.judge import RATING_NAMES, judge_request, parse_rating, read_judgments
 from palign.eval.replies import read_replies, reply_table, write_replies
+from palign.report.judge import judge_section
 from palign.rundir import RunDir, check_resume
 from palign.runs.merge import merge
 from palign.runs.runner import run
@@ -355,11 +356,10 @@ def test_judge_with_a_hosted_judge(tmp_path, fake_judge, capsys):
     assert (pair["win"], pair["tie"], pair["loss"]) == pytest.approx((3 / 6, 2 / 6, 1 / 6))
     back = summary["pairs"]["no_change"]["few_shot"]
     assert (back["win"], back["tie"], back["loss"]) == pytest.approx((1 / 6, 2 / 6, 3 / 6))
-    md = rd.judgments_report.read_text()
-    assert "| few_shot | 3 | 9 | 8 | 1 | **4.167** | [3.000, 5.500] |" in md
-    assert "| few_shot | no_change | 6 | 50.0% | 33.3% | 16.7% |" in md
-    assert (root / "plots" / "judge_win_rates.png").stat().st_size > 0
-    assert "Open-ended replies, judged" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the section (replies only: no report.md to add it to)
+    assert "| few_shot | 3 | 9 | 8 | 1 | **4.167** | [3.000, 5.500] |" in out
+    assert "| few_shot | no_change | 6 | 50.0% | 33.3% | 16.7% |" in out
+    assert not rd.report.exists()
     # judge requests are cached as other hosted requests: judging again sends nothing
     assert judge_cli.main(judge_argv(root, fake_judge)) == 0
     assert fake_judge.requests == 18
@@ -389,9 +389,21 @@ def test_open_ended_replies_of_a_hosted_model(tmp_path, fake_judge):
 
 
 def test_judge_with_the_local_tiny_model(open_run, capsys):
-    assert judge_cli.main([str(open_run), "model=tiny_llama", "max_new_tokens=4"]) == 0
     rd = RunDir(open_run)
+    inventory = rd.report.read_text()
+    assert judge_cli.main([str(open_run), "model=tiny_llama", "max_new_tokens=4"]) == 0
     summary = json.loads(rd.judgments_summary.read_text())
+    # the run's report: its own tables unchanged, then the judge's section; the page the plot
+    md = rd.report.read_text()
+    assert md.startswith(inventory) and md[len(inventory) :] == "\n" + judge_section(summary)
+    pair = summary["pairs"]["few_shot"]["no_change"]
+    assert f"| few_shot | no_change | {pair['n']} |" in md
+    page = rd.html.read_text()
+    assert (
+        "<td>few_shot</td>\n<td>no_change</td>\n" in page and "Open-ended replies, judged" in page
+    )
+    assert 'alt="judge_win_rates.png"' in page and 'alt="trait_errors.png"' in page
+    assert (open_run / "plots" / "judge_win_rates.png").stat().st_size > 0
     assert sorted(summary["methods"]) == ["few_shot", "no_change"]
     for method, s in summary["methods"].items():
         assert s["judged"] + s["no_target"] == 8  # 2 subjects x 4 items

@@ -8,7 +8,7 @@ One run dir per evaluation (Hydra's run dir, or ``palign.merge --out``)::
     answers/<method>/<case>.csv      every answer (palign.eval.answers)
     replies/<method>/<case>.csv      open-ended replies (evaluation=open_ended: palign.eval.replies)
     judgments/<method>/<case>.csv    a judge's rating of each reply (palign judge: palign.eval.judge)
-    judgments/summary.json, judgments.md     the judge's aggregate and its report section
+    judgments/summary.json           the judge's aggregate (its section is in report.md)
     artifacts/<method>/<case>/       what aligning produced
     artifacts/<method>/population/   what a population method trained once per run
     results.jsonl, compare/<method>.jsonl    the rows in subject order
@@ -140,10 +140,11 @@ class RunDir:
     def judgments_summary(self) -> Path:
         return self.judgments_root / "summary.json"
 
-    @property
-    def judgments_report(self) -> Path:
-        """``judgments.md``: the judge's section of the report."""
-        return self.path / "judgments.md"
+    def read_judgments_summary(self) -> dict | None:
+        """``judgments/summary.json`` (:func:`palign.eval.judge.summarize`), None before
+        ``palign judge`` rated the run; a :class:`RunDirError` names it when it is not JSON."""
+        path = self.judgments_summary
+        return _read(path, dict) if path.is_file() else None
 
     def answers_files(self, method: str) -> list[Path]:
         """``method``'s answers files, in case order."""
@@ -177,10 +178,10 @@ class RunDir:
 
     def reader_files(self) -> list[Path]:
         """What a reader of the run wants beside the numbers: ``report.md``, ``report.html``,
-        ``summary.json``, ``results.jsonl``, the judge's ``judgments.md`` and
-        ``judgments/summary.json``, and the plots (those that exist)."""
+        ``summary.json``, ``results.jsonl``, the judge's ``judgments/summary.json``, and the
+        plots (those that exist)."""
         files = [self.report, self.html, self.summary, self.path / "results.jsonl"]
-        files += [self.judgments_report, self.judgments_summary]
+        files.append(self.judgments_summary)
         plots = sorted(self.plots.glob("*.png")) if self.plots.is_dir() else []
         return [f for f in files if f.is_file()] + plots
 

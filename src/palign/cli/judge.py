@@ -4,9 +4,10 @@ run made with ``evaluation=open_ended`` (:mod:`palign.eval.judge`, docs/judge.md
 The judge is a local model (``model=smollm2_135m``, ``tiny_llama``, ...: greedy generation
 through palign's scorer, ``max_new_tokens`` tokens) or one served over an OpenAI-compatible API
 (``model=openai``: :class:`~palign.models.hosted.HostedModel`, its response cache and its caps;
-``max_tokens`` = ``max_new_tokens``). Writes ``judgments/<method>/<case>.csv``,
-``judgments/summary.json``, ``judgments.md`` and ``plots/judge_win_rates.png`` in the run dir,
-and prints the section. SIGTERM or SIGINT stops it at a safe point (exit 143 or 130); the
+``max_tokens`` = ``max_new_tokens``). Writes ``judgments/<method>/<case>.csv`` and
+``judgments/summary.json`` in the run dir, rewrites its ``report.md`` and ``report.html`` with the
+judge's section and ``plots/judge_win_rates.png`` (:func:`palign.report.write.write_report`; a
+run stopped before its summary has no report yet), and prints the section. SIGTERM or SIGINT stops it at a safe point (exit 143 or 130); the
 hosted judge's replies already received are cached, so running it again sends them no more.
 """
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from palign.errors import ConfigError, RunDirError, cli
 from palign.eval.judge import judge_run, replies_of
 from palign.models.hosted import check_api_key, check_client, hosted_settings, is_hosted
-from palign.rundir import RunDir, write_atomic
+from palign.rundir import RunDir
 from palign.stopping import stop_on_signals
 
 log = logging.getLogger("palign")
@@ -91,7 +92,8 @@ def hosted_judge(cfg: DictConfig):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from palign.report.judge import judge_section, plot_judge_win_rates
+    from palign.report.judge import judge_section
+    from palign.report.write import write_report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     with cli("palign judge"), stop_on_signals():
@@ -116,10 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             finally:
                 close()
-            section = judge_section(summary)
-            write_atomic(run_dir.judgments_report, section)
-            plot_judge_win_rates(summary, run_dir.plots / "judge_win_rates.png")
-    print(section)
+            if run_dir.summary.is_file():  # report.md and report.html, the section added
+                write_report(run_dir)
+            else:
+                log.info("%s: no summary.json (an unfinished run): no report.md to add the "
+                         "judge's section to; it is printed below", run_dir.path)  # fmt: skip
+    print(judge_section(summary))
     return 0
 
 

@@ -12,7 +12,8 @@ not continue an assistant turn).
 - ``scoring.mode=logit``: the same answer letter is located in the reply, and the option
   probabilities are the ``top_logprobs`` the server returned at that token (each option's
   tokens, e.g. "B", " B", "(B", summed, then normalised over A..E); the answer is their argmax.
-  A server that returns no logprobs is one error line (use ``scoring.mode=generate``).
+  A server that returns no logprobs is one error line at its first reply (use
+  ``scoring.mode=generate``).
 
 An answer that cannot be read (no letter, a reply cut short by ``model.max_tokens``, a reply
 that was not a chat completion) is kept as 0 (unparseable) and counted; in logit mode its
@@ -38,7 +39,7 @@ from palign.eval.scoring import (
     answer_match,
     check_scoring,
 )
-from palign.models.hosted import HostedError, HostedModel, Reply
+from palign.models.hosted import HostedModel, Reply
 
 #: Characters stripped around a token before it is read as an option letter ("(B", " B.").
 _AROUND_LETTER = " \t\n()[]*.:'\""
@@ -140,13 +141,6 @@ class HostedScorer:
             return UNPARSED, None
         if not self.logit:
             return LETTER_SCORE[match.group()[0].upper()], None
-        if reply.tokens is None:
-            raise HostedError(
-                f"model.base_url={self.loaded.settings.base_url}: the server returned no "
-                f"logprobs for model {self.loaded.settings.model!r}, and scoring.mode=logit "
-                "reads the option probabilities from them",
-                "use scoring.mode=generate (the answers parsed from the reply text)",
-            )
         probs = letter_probs(reply.tokens, match.start())
         if probs is None:
             return LETTER_SCORE[match.group()[0].upper()], None

@@ -9,9 +9,8 @@ rating and counted (``unparseable``), never dropped.
 
 Outputs, in the run dir (:class:`~palign.rundir.RunDir`): ``judgments/<method>/<case>.csv``
 (one line per reply: ``case``, ``method``, ``item``, ``target``, ``label``, ``rating`` (empty:
-unparseable), ``judgment``: the judge's full text), ``judgments/summary.json`` (:func:`summarize`)
-and ``judgments.md`` (:func:`palign.report.judge.judge_section`), with
-``plots/judge_win_rates.png``.
+unparseable), ``judgment``: the judge's full text) and ``judgments/summary.json``
+(:func:`summarize`), shown in the run's report by :mod:`palign.report.judge`.
 """
 
 from __future__ import annotations

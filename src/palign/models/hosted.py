@@ -382,7 +382,8 @@ class HostedModel:
     def complete(self, messages: Sequence[Mapping[str, str]], logprobs: bool = False) -> Reply:
         """The reply to ``messages``: from the cache when this request was sent before, else
         sent (a malformed reply asked again up to ``max_retries`` times, then kept as a
-        ``malformed`` :class:`Reply`)."""
+        ``malformed`` :class:`Reply`). With ``logprobs``, a reply without them is a
+        :class:`HostedError` (the server does not return them: the first reply says so)."""
         body = self.body(messages, logprobs)
         key = self.cache_key(body)
         if self.cache is not None:
@@ -391,7 +392,7 @@ class HostedModel:
             if reply is not None:
                 self.meter.add(cached=1)
                 reply.cached = True
-                return reply
+                return self._with_logprobs(reply) if logprobs else reply
         for attempt in range(self.settings.max_retries + 1):
             data = self._send(body)
             reply = read_reply(data)
@@ -399,7 +400,7 @@ class HostedModel:
                 if self.cache is not None:
                     about = {"base_url": self.settings.base_url, "model": self.settings.model}
                     self.cache.put(key, data, about)
-                return reply
+                return self._with_logprobs(reply) if logprobs else reply
             log.warning(
                 "%s: the server's reply is not a chat completion (attempt %d of %d)",
                 self.name,
@@ -408,6 +409,16 @@ class HostedModel:
             )
         self.meter.add(malformed=1)
         return Reply(malformed=True)
+
+    def _with_logprobs(self, reply: Reply) -> Reply:
+        if reply.tokens is None:
+            raise HostedError(
+                f"model.base_url={self.settings.base_url}: the server returned no logprobs for "
+                f"model {self.settings.model!r}, and scoring.mode=logit reads the option "
+                "probabilities from them",
+                "use scoring.mode=generate (the answers parsed from the reply text)",
+            )
+        return reply
 
     def complete_all(
         self,

@@ -1,4 +1,4 @@
-"""The judge's section of a run's report (``judgments.md``) and its plot
+"""The judge's section of a run's report (``report.md``) and its plot
 (``plots/judge_win_rates.png``), from ``judgments/summary.json`` (:mod:`palign.eval.judge`)."""
 
 from __future__ import annotations

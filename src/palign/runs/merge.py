@@ -28,7 +28,8 @@ log = logging.getLogger("palign")
 
 def merge(shard_dirs: list[Path], out_dir: Path) -> Summary:
     """Merge ``shard_dirs`` into ``out_dir`` (results, answers, open-ended replies, summary.json,
-    report.md, and relative links to the shards' artifact folders); returns the summary. ``out_dir`` is a new
+    report.md, plots, report.html, and relative links to the shards' artifact folders); returns
+    the summary. ``out_dir`` is a new
     folder, or an earlier merge of the same shard dirs (all of its content comes from them:
     merging again after more shards finished loses nothing). Only palign's own ``_target_``
     classes are built from the shards' configs."""

@@ -37,9 +37,6 @@ from palign.methods.base import Answers, Artifact, Candidates, Method, MethodCon
 from palign.methods.statistical import BASELINES
 from palign.models.cost import CostMeter
 from palign.models.hosted import is_hosted
-from palign.report.html import write_page
-from palign.report.plots import plot_run
-from palign.report.results import load_run
 from palign.rundir import RunDir, check_resume, write_atomic
 from palign.runs.summary import summarize, write_outputs
 from palign.runs.tracking import RunTracker
@@ -349,9 +346,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, checked: Plan) -> Summary:
             notes,
             setup_cost,
         )
-        report = write_outputs(run_dir, summary, rows)
-        plots = plot_run(load_run(run_dir.path), run_dir.plots)  # from the files, checked
-        write_page(run_dir.html, report, plots, f"palign: {method.name} on {model_name}")
+        report = write_outputs(run_dir, summary, rows)  # the plots from the files, checked
         tracker.summary(summary, [r for method_rows in rows.values() for r in method_rows], run_dir)
         print(report)
         log.info("Outputs in %s", run_dir.path)

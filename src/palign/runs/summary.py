@@ -1,6 +1,6 @@
 """A run's summary (``summary.json``): the method's aggregate beside the compared methods' and
-the statistical baselines', and the files written from it (``summary.json``, ``report.md``, the
-per-method JSON-lines files)."""
+the statistical baselines', and the files written from it (``summary.json``, the per-method
+JSON-lines files, the report)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from palign.eval.records import (
     paired_tests,
 )
 from palign.methods.base import Method
-from palign.report.markdown import report_markdown
-from palign.rundir import RunDir, write_atomic
+from palign.report.write import write_report
+from palign.rundir import RunDir
 
 
 def aggregate_baselines(rows: dict[str, Sequence[ResultRow]]) -> dict[str, Aggregate]:
@@ -76,11 +76,10 @@ def summarize(
 
 
 def write_outputs(run_dir: RunDir, summary: Summary, rows: dict[str, Sequence[ResultRow]]) -> str:
-    """``summary.json``, ``report.md`` and the per-method JSON-lines files (``results.jsonl``
-    for the main method, ``compare/<name>.jsonl`` for the others); returns the report."""
+    """``summary.json``, the per-method JSON-lines files (``results.jsonl`` for the main method,
+    ``compare/<name>.jsonl`` for the others) and the pages for readers (``report.md``, plots,
+    ``report.html``: :func:`~palign.report.write.write_report`); returns the report."""
     for name, method_rows in rows.items():
         run_dir.write_rows(name, summary.method, method_rows)
     run_dir.write_summary(summary)
-    report = report_markdown(summary)
-    write_atomic(run_dir.report, report)
-    return report
+    return write_report(run_dir, summary)
