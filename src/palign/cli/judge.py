@@ -7,8 +7,9 @@ through palign's scorer, ``max_new_tokens`` tokens) or one served over an OpenAI
 ``max_tokens`` = ``max_new_tokens``). Writes ``judgments/<method>/<case>.csv`` and
 ``judgments/summary.json`` in the run dir, rewrites its ``report.md`` and ``report.html`` with the
 judge's section and ``plots/judge_win_rates.png`` (:func:`palign.report.write.write_report`; a
-run stopped before its summary has no report yet), and prints the section. SIGTERM or SIGINT stops it at a safe point (exit 143 or 130); the
-hosted judge's replies already received are cached, so running it again sends them no more.
+run stopped before its summary has no report yet), and prints the section. SIGTERM or SIGINT
+stops it at a safe point (exit 143 or 130); the hosted judge's replies already received are
+cached, so running it again sends them no more.
 """
 
 from __future__ import annotations
