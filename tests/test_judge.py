@@ -115,6 +115,69 @@ def test_open_ended_pas_replies_under_the_alpha_chosen_on_the_test_items(tmp_pat
         assert row.selected_on_test_items == "alpha" and row.align_info["alpha"] in (0.0, 4.0)
 
 
+#: The methods that answer with changed weights or activations, in one open-ended run.
+WEIGHT_METHODS = ["dpo_smoke", "ppo_smoke", "psoups_smoke", "prompt_morl_smoke", "pas_soup_smoke"]
+
+
+def test_trained_and_population_methods_reply_as_aligned(tmp_path, monkeypatch):
+    """DPO, PPO and the population methods reply with their change in place: the DPO subject's
+    replies are those of the base model with the saved adapter loaded by PEFT and decoded by
+    transformers' own greedy ``generate`` (no palign scoring code), and they are not the base
+    model's."""
+    import torch
+
+    from palign.config import build
+    from palign.eval.prompts import NEUTRAL_SYSTEM_PROMPT
+    from palign.eval.scoring import Scorer, ScoringConfig
+    from palign.methods.lora import AdapterArtifact
+
+    monkeypatch.setenv("PALIGN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    methods = [f"method={WEIGHT_METHODS[0]}", f"compare=[{','.join(WEIGHT_METHODS[1:])}]"]
+    # initializer_range 0.2: a random model that says varied words (at 0.02 it says "\n" only)
+    model = ["model=tiny_llama", "+model.config.initializer_range=0.2"]
+    cfg = composed([*model, *methods, "method.lr=0.01", "evaluation=open_ended",
+                    "evaluation.items=3", "evaluation.max_new_tokens=5", "dataset.limit=1"],
+                   out)  # fmt: skip
+    run(cfg)
+    rd = RunDir(out)
+    files = rd.reply_files()
+    assert sorted(files) == sorted(WEIGHT_METHODS)
+    for method in WEIGHT_METHODS:
+        (path,) = files[method]
+        table = read_replies(path)
+        assert len(table) == 3 and table["reply"].map(type).eq(str).all()
+        assert len(rd.finished_rows(method)) == 1  # the inventory too
+    # DPO's replies again, independently: PEFT loads the saved adapter into a fresh copy of
+    # the model, transformers decodes greedily
+    (path,) = files["dpo_smoke"]
+    table = read_replies(path)
+    loaded = build(cfg.model)
+    scorer = Scorer(loaded, ScoringConfig())
+    eos = loaded.tokenizer.eos_token_id
+    with scorer.replies(cfg.evaluation.prompt, 5):
+        prompts = [scorer.renderer.render(NEUTRAL_SYSTEM_PROMPT, q, "") for q in table["prompt"]]
+    ids = [torch.tensor([scorer.renderer.encode(p)]) for p in prompts]
+
+    def greedy() -> list[str]:
+        texts = []
+        for x in ids:
+            new = loaded.model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=5, do_sample=False,
+                eos_token_id=eos, pad_token_id=eos,
+            )[0, x.shape[1] :]  # fmt: skip
+            texts.append(loaded.tokenizer.decode(new, skip_special_tokens=True).strip())
+        return texts
+
+    adapter = AdapterArtifact.load(rd.artifacts("dpo_smoke") / path.stem)
+    with torch.no_grad(), adapter.applied(loaded):
+        aligned = greedy()
+    with torch.no_grad():
+        base = greedy()
+    assert all(aligned) and list(table["reply"]) == aligned
+    assert aligned != base  # the adapter changed what the model says
+
+
 def test_merge_keeps_the_replies(open_run, tmp_path):
     merge([open_run], tmp_path / "merged")
     theirs, ours = RunDir(open_run).reply_files(), RunDir(tmp_path / "merged").reply_files()

@@ -118,8 +118,9 @@ def check_evaluation(cfg: DictConfig, checked: Plan) -> None:
         if not m.replies:
             key = f"method={m.name}" if i == 0 else f"compare[{i - 1}]={m.name}"
             raise ConfigError(
-                f"{key} cannot reply in free text (evaluation=open_ended asks prompting methods "
-                "and PAS, which answer through the run's scorer)",
+                f"{key} cannot reply in free text (evaluation=open_ended asks the methods that "
+                "answer through the run's model: prompting, PAS, DPO, PPO and the population "
+                "methods)",
                 "use evaluation=inventory for it, or leave it out of compare",
             )
 

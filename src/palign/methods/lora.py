@@ -176,6 +176,7 @@ class LoraMethod(Method):
     ``self.lora``: the adapter's PEFT settings (r, alpha, dropout, target modules)."""
 
     uses_llm = True
+    replies = True  # answers with its adapter active in the scorer's model (scorer.applied)
     Settings = LoraSettings
 
     def __init__(self, **values: Any):

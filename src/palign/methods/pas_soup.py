@@ -175,6 +175,7 @@ class PASSoup(Method):
 
     name = "pas_soup"
     uses_llm = True
+    replies = True  # the subject's summed head shifts as PAS answers (scorer.applied)
     Settings = PASSoupSettings
 
     def __init__(self, **values):
