@@ -152,7 +152,7 @@ DATA_FIXTURES = {"papi", "cfg_factory"}
 COSTLIEST_FIRST = (
     "test_infra", "test_app", "test_integration_pas_smollm2", "test_reproduce", "test_packaging",
     "test_stopping", "test_population", "test_pas_soup", "test_bad_inputs", "test_launchers",
-    "test_integration_smollm2", "test_bench_gpu", "test_judge", "test_pas",
+    "test_integration_smollm2", "test_bench_gpu", "test_judge", "test_served", "test_pas",
     "test_loading_progress", "test_schema", "test_rundir", "test_method_checks", "test_quant4bit",
     "test_placement", "test_dpo", "test_ppo", "test_generate", "test_cost", "test_api",
 )  # fmt: skip

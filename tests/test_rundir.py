@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from omegaconf import open_dict
 
@@ -235,3 +236,36 @@ def test_resume_continues_the_same_wandb_run(cfg_factory, monkeypatch):
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     attempts = sorted((out / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts)
+
+
+#: Model texts that break a CSV written with minimal quoting (a bare carriage return ends a line
+#: for pandas' reader), and others a model may say.
+AWKWARD_TEXTS = ["a\rb", 'say "B", then\r\nC\n', "\u2028 \x85 é ,;", "", "  padded  "]
+
+
+def test_answers_and_replies_files_keep_any_text():
+    import numpy as np
+
+    from palign.data.papi import Item
+    from palign.eval.answers import COLUMNS, PROB_COLUMNS, read_table, write_table
+    from palign.eval.replies import read_replies, reply_table, write_replies
+
+    n = len(AWKWARD_TEXTS)
+    table = {c: ["x"] * n for c in COLUMNS}
+    table.update(case=[7] * n, item=list(range(n)), key=[1] * n, target=[3] * n,
+                 predicted=[0] * n, parsed=[False] * n, value=[np.nan] * n, selected=[True] * n,
+                 setting=[""] * n, text=AWKWARD_TEXTS)  # fmt: skip
+    table.update({c: [np.nan] * n for c in PROB_COLUMNS})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "answers.csv"
+        write_table(path, pd.DataFrame(table, columns=list(COLUMNS)))
+        back = read_table(path)
+        assert back["text"].tolist() == AWKWARD_TEXTS and back["item"].tolist() == list(range(n))
+        items = [Item(i, f"Statement {i}.", "A", 1, "A1") for i in range(n)]
+        replies = reply_table(7, "m", items, np.full(n, 3), AWKWARD_TEXTS, AWKWARD_TEXTS)
+        write_replies(path, replies)
+        back = read_replies(path)
+        assert back["reply"].tolist() == AWKWARD_TEXTS == back["prompt"].tolist()
+        assert len(back) == n

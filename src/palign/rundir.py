@@ -24,6 +24,7 @@ new one); nothing here deletes a file.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -31,13 +32,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from palign.errors import RunDirError
+
+if TYPE_CHECKING:
+    import pandas as pd
 from palign.eval.records import ResultRow, Summary
 
 R = TypeVar("R")
@@ -49,11 +53,19 @@ def write_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="") as f:  # the text as given, byte for byte
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def csv_text(table: pd.DataFrame) -> str:
+    """``table`` as the CSV text of a run dir's tables (answers, replies, judgments): every
+    text cell quoted, so that a model's text survives the round trip through ``pandas.read_csv``
+    whatever it holds (a bare carriage return ends a line for the reader, and the minimal
+    quoting of the writer quotes only the line terminator it writes)."""
+    return table.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
 
 
 def _alive(pid: int) -> bool:

@@ -31,7 +31,7 @@ import pandas as pd
 from palign.constants import OPTION_LETTERS
 from palign.data.papi import Item
 from palign.eval.metrics import SubjectMetrics, metrics_of
-from palign.rundir import RunDir, write_atomic
+from palign.rundir import RunDir, csv_text, write_atomic
 
 
 @dataclass
@@ -125,7 +125,7 @@ def table_metrics(table: pd.DataFrame) -> SubjectMetrics:
 
 def write_table(path: Path, table: pd.DataFrame) -> None:
     """Write ``table`` to ``path`` atomically (readers see no file or the whole file)."""
-    write_atomic(path, table.to_csv(index=False))
+    write_atomic(path, csv_text(table))
 
 
 def read_table(path: Path) -> pd.DataFrame:

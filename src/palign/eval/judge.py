@@ -27,7 +27,7 @@ from palign.constants import ANSWER_LABELS
 from palign.errors import RunDirError
 from palign.eval.replies import read_replies
 from palign.eval.stats import bootstrap_ci
-from palign.rundir import RunDir, write_atomic
+from palign.rundir import RunDir, csv_text, write_atomic
 
 #: The ratings, 1..6, with the name the judge is asked to use.
 RATING_NAMES: dict[int, str] = {
@@ -173,7 +173,7 @@ def judge_run(run_dir: RunDir, judge: Judge, judge_name: str, seed: int = 0,
             frame = pd.DataFrame(lines, columns=list(COLUMNS))
             frame["rating"] = frame["rating"].astype("Int64")
             if case is not None:
-                write_atomic(run_dir.judgments_file(method, case), frame.to_csv(index=False))
+                write_atomic(run_dir.judgments_file(method, case), csv_text(frame))
             frames.append(frame)
     everything = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     no_target = {

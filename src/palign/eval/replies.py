@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from palign.data.papi import Item
-from palign.rundir import write_atomic
+from palign.rundir import csv_text, write_atomic
 
 COLUMNS = ("case", "method", "item", "trait", "key", "statement", "target", "prompt", "reply")
 
@@ -53,7 +53,7 @@ def reply_table(
 
 def write_replies(path: Path, table: pd.DataFrame) -> None:
     """Write ``table`` to ``path`` atomically."""
-    write_atomic(path, table.to_csv(index=False))
+    write_atomic(path, csv_text(table))
 
 
 def read_replies(path: Path) -> pd.DataFrame:
