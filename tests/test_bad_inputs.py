@@ -117,16 +117,12 @@ FINISHED = {
 
 def _flip_answer(path: Path) -> None:
     """The first answer whose target is not 0: its predicted option changed."""
-    lines = path.read_text().splitlines()
-    header = lines[0].split(",")
-    col, target = header.index("predicted"), header.index("target")
-    for i, line in enumerate(lines[1:], 1):
-        cells = line.split(",")
-        if cells[target] != "0":
-            cells[col] = "1" if cells[target] != "1" else "5"
-            lines[i] = ",".join(cells)
-            break
-    path.write_text("\n".join(lines) + "\n")
+    from palign.eval.answers import read_table, write_table
+
+    table = read_table(path)
+    i = table.index[table["target"] != 0][0]
+    table.loc[i, "predicted"] = 1 if table.loc[i, "target"] != 1 else 5
+    write_table(path, table)
 
 
 def _set_yaml(path: Path, key: str, value) -> None:
