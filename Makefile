@@ -64,7 +64,7 @@ TEST_WORKERS_MAX ?= 4
 PYTEST_XDIST = -n $(TEST_WORKERS) --maxprocesses $(TEST_WORKERS_MAX) --dist loadfile --no-loadscope-reorder
 
 test: setup data ## Run the whole test suite (includes the embedded-model integration tests)
-	$(PY) -m pytest $(PYTEST_XDIST)
+	$(PY) -m pytest $(PYTEST_XDIST) --durations=15
 
 test-fast: setup data ## Tests without the embedded-model integration tests
 	$(PY) -m pytest $(PYTEST_XDIST) -m "not slow"
