@@ -7,6 +7,7 @@ from palign.eval.scoring import (
     Scorer,
     ScoringConfig,
     ScoringError,
+    cache_keyword,
     common_prefix_length,
     eos_ids,
     letter_token_ids,
@@ -244,7 +245,7 @@ def test_decoding_writes_one_preallocated_cache_in_place(papi, tiny, make_scorer
     storage = set()
 
     def record(module, args, kwargs):
-        cache = kwargs["past_key_values"]
+        cache = kwargs[cache_keyword(type(module))]
         storage.add(
             (
                 tuple(layer.keys.data_ptr() for layer in cache.layers),
@@ -327,7 +328,7 @@ def test_sliding_window_layers_keep_transformers_cache(papi, window):
     seen = []
 
     def record(module, args, kwargs):
-        cache, mask = kwargs.get("past_key_values"), kwargs.get("attention_mask")
+        cache, mask = kwargs.get(cache_keyword(type(module))), kwargs.get("attention_mask")
         if mask is not None:  # a suffix or decoding step, not the prefix
             seen.append(({type(layer) for layer in cache.layers}, mask.clone()))
 

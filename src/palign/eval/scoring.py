@@ -24,6 +24,8 @@ Two ways to answer (``mode``):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -216,6 +218,15 @@ class SuffixBatches(L.LightningDataModule):
 ForwardListener = Callable[[str, torch.Tensor], None]
 
 
+@functools.cache
+def cache_keyword(model_class: type) -> str:
+    """The keyword under which ``model_class.forward`` takes a KV cache: ``cache`` where
+    transformers renamed it (5.x; ``past_key_values`` is deprecated there, to be removed in
+    5.40), else ``past_key_values``."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class ItemScorer(L.LightningModule):
     """Runs a causal LM over suffix batches that continue one shared, cached prefix.
 
@@ -288,7 +299,9 @@ class ItemScorer(L.LightningModule):
             ids = torch.tensor([self._prefix_ids], device=self.device).expand(self._variants, -1)
             self._notify("prefix", torch.arange(self._variants, device=self.device))
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # no logits needed
-            self._prefix_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            cache = getattr(out, "cache", None)
+            cache = out.past_key_values if cache is None else cache  # its name before 5.x
+            self._prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
         return self._prefix_kv
 
     def _batch_cache(self, variant: torch.Tensor, width: int, mask_dtype: torch.dtype):
@@ -325,9 +338,9 @@ class ItemScorer(L.LightningModule):
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=True,
                 logits_to_keep=1,
+                **{cache_keyword(type(self.model)): past_key_values},
             )
             .logits[:, -1]
             .float()
